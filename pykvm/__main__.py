@@ -1,0 +1,5 @@
+import sys
+
+from pykvm.cli import main
+
+sys.exit(main())

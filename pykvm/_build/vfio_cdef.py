@@ -1,0 +1,3 @@
+"""cffi declarations for <linux/vfio.h> (filled in by the VFIO layer)."""
+CDEF = ""
+SOURCE = ""
