@@ -8,6 +8,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+import common_cdef  # noqa: E402
 import kvm_cdef  # noqa: E402
 import runloop_cdef  # noqa: E402
 import vfio_cdef  # noqa: E402
@@ -27,7 +28,7 @@ def _check_headers() -> None:
 
 _check_headers()
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(kvm_cdef.CDEF + vfio_cdef.CDEF + runloop_cdef.CDEF)
+ffibuilder.cdef(common_cdef.CDEF + kvm_cdef.CDEF + vfio_cdef.CDEF + runloop_cdef.CDEF)
 ffibuilder.set_source(
     "pykvm._native",
     "\n".join(
@@ -38,6 +39,7 @@ ffibuilder.set_source(
             "#include <sys/ioctl.h>",
             "#include <linux/kvm.h>",
             "#include <linux/vfio.h>",
+            common_cdef.SOURCE,
             kvm_cdef.SOURCE,
             vfio_cdef.SOURCE,
             runloop_cdef.SOURCE,
