@@ -1,0 +1,1 @@
+"""The machine: a small VMM over pykvm.kvm (and pykvm.vfio for passthrough)."""

@@ -1,0 +1,104 @@
+"""Address buses: where a guest's port or MMIO access is routed to a device.
+
+A device is any object with ``read(offset, size) -> bytes`` and
+``write(offset, data: bytes) -> None``; the bus hands it the offset inside
+its range. Guest-controlled values are checked here, at the edge: an access
+nobody claims reads as all-ones and a write to it is dropped, like a PCI
+master abort; a device that raises is logged and answered the same way, so a
+guest can never take down the vCPU thread.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Tuple
+
+log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class Range:
+    base: int
+    length: int
+    device: BusDevice
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+    def __contains__(self, addr: int) -> bool:
+        return self.base <= addr < self.end
+
+
+class Bus:
+    """Non-overlapping ranges, looked up by binary search."""
+
+    def __init__(self, name: str, limit: int):
+        self.name = name
+        self.limit = limit  # exclusive upper bound of addresses (1<<16 for PIO)
+        self._bases: List[int] = []
+        self._ranges: List[Range] = []
+        self.unclaimed = 0  # accesses no device claimed
+        self.faults = 0  # device handlers that raised
+
+    def register(self, base: int, length: int, device: BusDevice, name: str = "") -> Range:
+        if length <= 0 or base < 0 or base + length > self.limit:
+            raise ValueError(f"{self.name}: bad range {base:#x}+{length:#x}")
+        r = Range(base, length, device, name or type(device).__name__)
+        i = bisect.bisect_right(self._bases, base)
+        if (i > 0 and self._ranges[i - 1].end > base) or (i < len(self._ranges) and self._ranges[i].base < r.end):
+            other = self._ranges[i - 1] if i > 0 and self._ranges[i - 1].end > base else self._ranges[i]
+            raise ValueError(f"{self.name}: {r.name} at {base:#x}+{length:#x} overlaps {other.name} at {other.base:#x}+{other.length:#x}")
+        self._bases.insert(i, base)
+        self._ranges.insert(i, r)
+        return r
+
+    def unregister(self, r: Range) -> None:
+        i = self._ranges.index(r)
+        del self._ranges[i]
+        del self._bases[i]
+
+    def find(self, addr: int) -> Optional[Range]:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0 and addr in self._ranges[i]:
+            return self._ranges[i]
+        return None
+
+    def ranges(self) -> Tuple[Range, ...]:
+        return tuple(self._ranges)
+
+    def read(self, addr: int, size: int) -> bytes:
+        r = self.find(addr)
+        if r is None or addr + size > r.end:
+            self.unclaimed += 1
+            log.debug("%s: unclaimed read %#x/%d", self.name, addr, size)
+            return b"\xff" * size
+        try:
+            data = bytes(r.device.read(addr - r.base, size))
+        except Exception:
+            self.faults += 1
+            log.exception("%s: %s failed reading %#x/%d", self.name, r.name, addr, size)
+            return b"\xff" * size
+        if len(data) != size:
+            data = (data + b"\xff" * size)[:size]
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        r = self.find(addr)
+        if r is None or addr + len(data) > r.end:
+            self.unclaimed += 1
+            log.debug("%s: unclaimed write %#x <- %s", self.name, addr, bytes(data).hex())
+            return
+        try:
+            r.device.write(addr - r.base, bytes(data))
+        except Exception:
+            self.faults += 1
+            log.exception("%s: %s failed writing %#x", self.name, r.name, addr)
