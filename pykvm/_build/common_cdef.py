@@ -1,5 +1,12 @@
-"""Declarations shared by every header: the ioctl entry points."""
+"""Declarations shared by every header: kernel integer types and the ioctl entry points."""
 CDEF = """
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef unsigned long long __u64;
+typedef int32_t __s32;
+typedef long long __s64;
+
 int pykvm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int pykvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 """
