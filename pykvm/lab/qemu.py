@@ -1,0 +1,111 @@
+"""Booting L1: QEMU's command line and a supervised QEMU process.
+
+L1 is a q35 machine under TCG (QEMU's software CPU, so no host KVM is needed) with an
+emulated Intel IOMMU (``intremap=on`` needs ``kernel-irqchip=split``; ``caching-mode=on``
+makes QEMU see every IOMMU mapping, which VFIO in L1 requires) and the PCI devices of
+:mod:`pykvm.lab.devices` at pinned slots. ``-nodefaults`` keeps the default NIC and VGA
+out, so the device list is exactly what we add.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Callable, Deque, List, Optional
+
+from pykvm.lab.devices import EDU_BDF, NVME_BDF, NVME_SERIAL, TESTDEV_BDF
+from pykvm.lab.guest import HOST_TAG, OUT_TAG
+from pykvm.lab.image import LabImage
+
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on iommu=pt"
+
+
+def _slot(bdf: str) -> str:
+    """``0000:00:05.0`` -> ``05.0`` (QEMU's ``addr=`` on bus 0)."""
+    return bdf.split(":", 2)[2]
+
+
+def qemu_argv(
+    image: LabImage,
+    out_dir: Path,
+    *,
+    memory_mb: int,
+    cpus: int,
+    interactive: bool = False,
+    host_root: str = "/",
+) -> List[str]:
+    """The QEMU command line for L1; ``interactive`` multiplexes the monitor on stdio."""
+    console = (
+        ["-chardev", "stdio,id=con,mux=on,signal=off", "-serial", "chardev:con",
+         "-mon", "chardev=con,mode=readline"]
+        if interactive
+        else ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
+    )
+    return [
+        str(image.qemu),
+        "-accel", "tcg", "-cpu", "max", "-M", "q35,kernel-irqchip=split",
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-m", str(memory_mb), "-smp", str(cpus),
+        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-device", f"edu,addr={_slot(EDU_BDF)}",
+        "-drive", f"file={image.disk_path},if=none,id=nvm,format=raw,snapshot=on",
+        "-device", f"nvme,drive=nvm,serial={NVME_SERIAL},addr={_slot(NVME_BDF)}",
+        "-device", f"pci-testdev,addr={_slot(TESTDEV_BDF)}",
+        "-virtfs", f"local,path={host_root},mount_tag={HOST_TAG},security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={out_dir},mount_tag={OUT_TAG},security_model=none,multidevs=remap",
+        "-kernel", str(image.kernel_path), "-initrd", str(image.initrd_path),
+        "-append", KERNEL_CMDLINE,
+        *console,
+    ]
+
+
+class QemuProcess:
+    """QEMU with its console read line by line on a thread; killed by :meth:`kill`.
+
+    ``on_line`` is called on the reader thread for each console line. QEMU runs in its
+    own session, so a Ctrl-C reaches Python, whose handler then kills QEMU.
+    """
+
+    def __init__(self, argv: List[str], on_line: Callable[[str], None]) -> None:
+        self.stderr_tail: Deque[str] = collections.deque(maxlen=50)
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._readers = [
+            threading.Thread(target=self._pump, args=(self._proc.stdout, on_line), daemon=True),
+            threading.Thread(target=self._pump, args=(self._proc.stderr, self.stderr_tail.append), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _pump(stream, sink: Callable[[str], None]) -> None:
+        for raw in iter(stream.readline, b""):
+            sink(raw.decode("utf-8", "replace").rstrip("\r\n"))
+
+    def poll(self) -> Optional[int]:
+        return self._proc.poll()
+
+    def wait(self, timeout: float) -> Optional[int]:
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def finish_reading(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for the readers to drain what QEMU printed before exiting."""
+        for reader in self._readers:
+            reader.join(timeout)
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._proc.wait(10)
+        self.finish_reading()
