@@ -36,6 +36,8 @@ ffibuilder.set_source(
             "#include <stddef.h>",
             "#include <stdint.h>",
             "#include <errno.h>",
+            "#include <signal.h>",
+            "#include <string.h>",
             "#include <sys/ioctl.h>",
             "#include <linux/kvm.h>",
             "#include <linux/vfio.h>",

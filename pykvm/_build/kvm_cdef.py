@@ -131,7 +131,7 @@ struct kvm_pit_state2 { struct kvm_pit_channel_state channels[3]; __u32 flags; .
 struct kvm_irq_level { __u32 irq; __u32 level; ...; };
 struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __u32 devid; ...; };
 struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };
-struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; union { __u32 pad; __u32 devid; }; };
+struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 devid; };
 struct kvm_irq_routing_entry {
     __u32 gsi; __u32 type; __u32 flags;
     union { struct kvm_irq_routing_irqchip irqchip; struct kvm_irq_routing_msi msi; __u32 pad[8]; } u; ...;
@@ -164,10 +164,10 @@ struct kvm_run {
         struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;
         struct { struct kvm_debug_exit_arch arch; } debug;
         struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;
-        struct { __u64 nr; __u64 args[6]; __u64 ret; union { __u32 longmode; __u64 flags; }; } hypercall;
+        struct { __u64 nr; __u64 args[6]; __u64 ret; __u32 longmode; __u32 pad; } hypercall;
         struct { __u64 rip; __u32 is_write; __u32 pad; } tpr_access;
         struct { __u32 suberror; __u32 ndata; __u64 data[16]; } internal;
-        struct { __u32 type; __u32 ndata; union { __u64 flags; __u64 data[16]; }; } system_event;
+        struct { __u32 type; __u32 ndata; __u64 data[16]; } system_event;
         struct { __u8 error; __u8 pad[7]; __u32 reason; __u32 index; __u64 data; } msr;
         char padding[256];
     };

@@ -40,6 +40,7 @@ VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION VFIO_IO
 VFIO_DMA_MAP_FLAG_READ VFIO_DMA_MAP_FLAG_WRITE VFIO_DMA_MAP_FLAG_VADDR
 VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP VFIO_DMA_UNMAP_FLAG_ALL VFIO_DMA_UNMAP_FLAG_VADDR
 PYKVM_HAVE_IOMMUFD_H PYKVM_HAVE_VFIO_CDEV
+EFD_CLOEXEC EFD_NONBLOCK EFD_SEMAPHORE
 """
 
 # PCI configuration-space registers and bits (<linux/pci_regs.h>) used by pykvm.vfio.pci.
@@ -93,10 +94,14 @@ struct vfio_iommu_type1_info_dma_avail { struct vfio_info_cap_header header; __u
 
 struct vfio_iommu_type1_dma_map { __u32 argsz; __u32 flags; __u64 vaddr; __u64 iova; __u64 size; ...; };
 struct vfio_iommu_type1_dma_unmap { __u32 argsz; __u32 flags; __u64 iova; __u64 size; ...; };
+
+/* eventfd(2) for Pythons before 3.10 (no os.eventfd) */
+int eventfd(unsigned int initval, int flags);
 """
 
 SOURCE = r"""
 #include <linux/pci_regs.h>
+#include <sys/eventfd.h>
 #if defined(__has_include)
 # if __has_include(<linux/iommufd.h>)
 #  define PYKVM_HAVE_IOMMUFD_H 1

@@ -1,0 +1,17 @@
+"""The /dev/kvm API: ``Kvm`` -> ``Vm`` -> ``Vcpu`` / ``DeviceFd``, one class per kernel object."""
+from pykvm.kvm.caps import Cap
+from pykvm.kvm.device import DeviceFd
+from pykvm.kvm.exits import (DebugExit, Exit, ExitReason, FailEntryExit, HltExit, HypercallExit,
+                             InternalErrorExit, InterruptedExit, IoExit, IrqWindowOpenExit, MmioExit,
+                             MsrExit, ShutdownExit, SystemEventExit, UnknownExit)
+from pykvm.kvm.regs import CpuidEntry, Regs, Sregs
+from pykvm.kvm.system import Kvm
+from pykvm.kvm.vcpu import GuestDebug, MpState, Vcpu
+from pykvm.kvm.vm import IrqchipRoute, MemFlag, MsiRoute, Vm
+
+__all__ = [
+    "Kvm", "Vm", "Vcpu", "DeviceFd", "Cap", "CpuidEntry", "Regs", "Sregs", "MemFlag", "IrqchipRoute",
+    "MsiRoute", "MpState", "GuestDebug", "Exit", "ExitReason", "IoExit", "MmioExit", "HltExit",
+    "ShutdownExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit", "DebugExit",
+    "IrqWindowOpenExit", "MsrExit", "HypercallExit", "InterruptedExit", "UnknownExit",
+]

@@ -1,0 +1,165 @@
+"""Register and state structs as Python objects over the kernel's own layout.
+
+Each wrapper owns a ``struct kvm_*`` allocated by cffi; attribute access reads
+and writes the C fields directly (``regs.rip = 0x1000``), nested structs are
+live views (``sregs.cs.base = 0``), and ``ptr`` is what the ioctl receives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List
+
+from pykvm._native import ffi
+
+
+class Struct:
+    """A cffi-allocated kernel struct with attribute access to its fields."""
+
+    ctype = ""
+
+    def __init__(self, **fields: Any):
+        object.__setattr__(self, "ptr", ffi.new(self.ctype + " *"))
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.ptr, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not hasattr(self.ptr, name):
+            raise AttributeError(f"{self.ctype} has no field {name!r}")
+        setattr(self.ptr, name, value)
+
+    def field_names(self) -> List[str]:
+        return [name for name, _ in ffi.typeof(self.ptr[0]).fields]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {name: _pythonize(getattr(self.ptr, name)) for name in self.field_names()}
+
+    def to_bytes(self) -> bytes:
+        return bytes(ffi.buffer(self.ptr))
+
+    def copy(self):
+        other = type(self)()
+        ffi.memmove(other.ptr, self.ptr, ffi.sizeof(self.ptr[0]))
+        return other
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, type(self)) and self.to_bytes() == other.to_bytes()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.as_dict()})"
+
+
+def _pythonize(value: Any) -> Any:
+    if isinstance(value, ffi.CData):
+        kind = ffi.typeof(value).kind
+        if kind == "struct" or kind == "union":
+            return {name: _pythonize(getattr(value, name)) for name, _ in ffi.typeof(value).fields if name}
+        if kind == "array":
+            return [_pythonize(v) for v in value]
+    return value
+
+
+class Regs(Struct):
+    """General-purpose registers (KVM_GET_REGS / KVM_SET_REGS)."""
+
+    ctype = "struct kvm_regs"
+
+
+class Sregs(Struct):
+    """Segment, descriptor-table and control registers (KVM_GET_SREGS / KVM_SET_SREGS)."""
+
+    ctype = "struct kvm_sregs"
+
+
+class Fpu(Struct):
+    """x87/SSE state (KVM_GET_FPU / KVM_SET_FPU)."""
+
+    ctype = "struct kvm_fpu"
+
+
+class Xsave(Struct):
+    """The XSAVE area (KVM_GET_XSAVE / KVM_SET_XSAVE)."""
+
+    ctype = "struct kvm_xsave"
+
+
+class Xcrs(Struct):
+    """Extended control registers, XCR0 (KVM_GET_XCRS / KVM_SET_XCRS)."""
+
+    ctype = "struct kvm_xcrs"
+
+
+class Lapic(Struct):
+    """The in-kernel local APIC's register page (KVM_GET_LAPIC / KVM_SET_LAPIC)."""
+
+    ctype = "struct kvm_lapic_state"
+
+    def reg(self, offset: int) -> int:
+        return int.from_bytes(ffi.buffer(self.ptr.regs)[offset:offset + 4], "little")
+
+    def set_reg(self, offset: int, value: int) -> None:
+        ffi.buffer(self.ptr.regs)[offset:offset + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+class VcpuEvents(Struct):
+    """Pending exceptions, interrupts, NMI and SMI (KVM_GET/SET_VCPU_EVENTS)."""
+
+    ctype = "struct kvm_vcpu_events"
+
+
+class DebugRegs(Struct):
+    """DR0-3, DR6, DR7 (KVM_GET_DEBUGREGS / KVM_SET_DEBUGREGS)."""
+
+    ctype = "struct kvm_debugregs"
+
+
+class IrqChip(Struct):
+    """A PIC or IOAPIC state blob (KVM_GET_IRQCHIP / KVM_SET_IRQCHIP)."""
+
+    ctype = "struct kvm_irqchip"
+
+
+class PitState(Struct):
+    """The in-kernel i8254's three channels (KVM_GET_PIT2 / KVM_SET_PIT2)."""
+
+    ctype = "struct kvm_pit_state2"
+
+
+class ClockData(Struct):
+    """kvmclock's view of guest time (KVM_GET_CLOCK / KVM_SET_CLOCK)."""
+
+    ctype = "struct kvm_clock_data"
+
+
+@dataclass
+class CpuidEntry:
+    """One CPUID leaf/subleaf as KVM stores it (struct kvm_cpuid_entry2)."""
+
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def cpuid_to_c(entries: Iterable[CpuidEntry]) -> Any:
+    """Pack entries into a ``struct kvm_cpuid2`` with its flexible array."""
+    entries = list(entries)
+    c = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+    for i, e in enumerate(entries):
+        for f in _CPUID_FIELDS:
+            setattr(c.entries[i], f, getattr(e, f))
+    return c
+
+
+def cpuid_from_c(c: Any) -> List[CpuidEntry]:
+    return [CpuidEntry(*(getattr(c.entries[i], f) for f in _CPUID_FIELDS)) for i in range(c.nent)]

@@ -1,0 +1,282 @@
+"""``Vcpu``: a vCPU fd, its shared kvm_run page, registers and state.
+
+``run()`` issues KVM_RUN (cffi drops the GIL for the call) and returns a
+typed exit. ``kick()`` makes a ``run()`` in another thread return: it sets
+``kvm_run.immediate_exit`` (covers the window before the ioctl) and sends the
+kick signal to the thread inside KVM_RUN (covers a guest that never exits);
+the interrupted run comes back as ``InterruptedExit``.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import mmap
+import signal
+import threading
+from typing import Any, Dict, Iterable, List, Optional
+
+from pykvm._fdobject import FdObject
+from pykvm._native import ffi, lib
+from pykvm.errors import KvmError, ioctl_error
+from pykvm.kvm import exits
+from pykvm.kvm.regs import (CpuidEntry, DebugRegs, Fpu, Lapic, Regs, Sregs, VcpuEvents, Xcrs, Xsave,
+                            cpuid_from_c, cpuid_to_c)
+
+if lib.pykvm_install_kick_handler() != 0:  # pragma: no cover - sigaction cannot fail for a valid signal
+    raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
+KICK_SIGNAL = lib.pykvm_kick_signal()
+
+
+class MpState(enum.IntEnum):
+    """KVM_MP_STATE_*: whether a vCPU runs, waits for INIT/SIPI, or is halted."""
+
+    RUNNABLE = lib.KVM_MP_STATE_RUNNABLE
+    UNINITIALIZED = lib.KVM_MP_STATE_UNINITIALIZED
+    INIT_RECEIVED = lib.KVM_MP_STATE_INIT_RECEIVED
+    HALTED = lib.KVM_MP_STATE_HALTED
+    SIPI_RECEIVED = lib.KVM_MP_STATE_SIPI_RECEIVED
+
+
+class GuestDebug(enum.IntFlag):
+    """KVM_GUESTDBG_* control bits for ``set_guest_debug``."""
+
+    ENABLE = lib.KVM_GUESTDBG_ENABLE
+    SINGLESTEP = lib.KVM_GUESTDBG_SINGLESTEP
+    USE_SW_BP = lib.KVM_GUESTDBG_USE_SW_BP
+    USE_HW_BP = lib.KVM_GUESTDBG_USE_HW_BP
+    INJECT_DB = lib.KVM_GUESTDBG_INJECT_DB
+    INJECT_BP = lib.KVM_GUESTDBG_INJECT_BP
+    BLOCKIRQ = lib.KVM_GUESTDBG_BLOCKIRQ
+
+
+def msrs_get(obj: FdObject, indices: Iterable[int]) -> Dict[int, int]:
+    """KVM_GET_MSRS on a vCPU (or, for feature MSRs, the system fd)."""
+    indices = list(indices)
+    c = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+    for i, idx in enumerate(indices):
+        c.entries[i].index = idx
+    n = obj._ioctl("KVM_GET_MSRS", c)
+    if n != len(indices):
+        raise ioctl_error(KvmError, errno.EINVAL, "KVM_GET_MSRS", f"MSR {indices[n]:#x} cannot be read")
+    return {c.entries[i].index: c.entries[i].data for i in range(n)}
+
+
+class Vcpu(FdObject):
+    """One virtual CPU. Created by ``Vm.create_vcpu()``."""
+
+    _error_family = KvmError
+    _what = "Vcpu"
+
+    def __init__(self, fd: int, vm, vcpu_id: int):
+        super().__init__(fd, vm)
+        self.vm = vm
+        self.id = vcpu_id
+        try:
+            size = vm.kvm.vcpu_mmap_size
+            self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self.close()
+            raise
+        self._run_c = ffi.from_buffer("struct kvm_run *", self._mm)
+        self._page = ffi.buffer(self._run_c, size)
+        self._thread: Optional[int] = None
+
+    # -- the kvm_run page -------------------------------------------------
+    @property
+    def kvm_run(self) -> Any:
+        """The raw ``struct kvm_run *`` shared with the kernel."""
+        self.fileno()
+        return self._run_c
+
+    @property
+    def kvm_run_address(self) -> int:
+        return int(ffi.cast("uintptr_t", self.kvm_run))
+
+    @property
+    def immediate_exit(self) -> bool:
+        return bool(self.kvm_run.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self.kvm_run.immediate_exit = 1 if value else 0
+
+    # -- running ------------------------------------------------------------
+    def run(self, timeout: Optional[float] = None) -> exits.Exit:
+        """KVM_RUN until the guest exits to userspace; returns the decoded exit.
+
+        ``timeout`` (seconds) bounds the call: a guest that stays in the kernel
+        is kicked and the call returns ``InterruptedExit``.
+        """
+        fd = self.fileno()
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.kick)
+            timer.daemon = True
+            timer.start()
+        self._thread = threading.get_ident()
+        try:
+            ret = lib.pykvm_ioctl_int(fd, lib.KVM_RUN, 0)
+            err = ffi.errno
+        finally:
+            self._thread = None
+            if timer is not None:
+                timer.cancel()
+        if ret < 0:
+            if err == errno.EINTR:
+                return exits.InterruptedExit(lib.KVM_EXIT_INTR)
+            raise ioctl_error(KvmError, err, "KVM_RUN")
+        return exits.decode(self._run_c, self._page)
+
+    def kick(self) -> None:
+        """Make a current or imminent ``run()`` return ``InterruptedExit``.
+
+        Sets immediate_exit (the next KVM_RUN returns at once) and signals the
+        thread inside KVM_RUN. Clear it with ``vcpu.immediate_exit = False``."""
+        if self._fd < 0:
+            return
+        self._run_c.immediate_exit = 1
+        tid = self._thread
+        if tid is not None:
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    # -- registers ----------------------------------------------------------
+    def _get(self, name: str, struct: Any) -> Any:
+        self._ioctl(name, struct.ptr)
+        return struct
+
+    def get_regs(self) -> Regs:
+        """KVM_GET_REGS: rax..r15, rip, rflags."""
+        return self._get("KVM_GET_REGS", Regs())
+
+    def set_regs(self, regs: Regs) -> None:
+        self._ioctl("KVM_SET_REGS", regs.ptr)
+
+    def get_sregs(self) -> Sregs:
+        """KVM_GET_SREGS: segments, GDT/IDT, CR0-4/8, EFER, APIC base."""
+        return self._get("KVM_GET_SREGS", Sregs())
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        self._ioctl("KVM_SET_SREGS", sregs.ptr)
+
+    def get_fpu(self) -> Fpu:
+        return self._get("KVM_GET_FPU", Fpu())
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        self._ioctl("KVM_SET_FPU", fpu.ptr)
+
+    def get_xsave(self) -> Xsave:
+        return self._get("KVM_GET_XSAVE", Xsave())
+
+    def set_xsave(self, xsave: Xsave) -> None:
+        self._ioctl("KVM_SET_XSAVE", xsave.ptr)
+
+    def get_xcrs(self) -> Xcrs:
+        return self._get("KVM_GET_XCRS", Xcrs())
+
+    def set_xcrs(self, xcrs: Xcrs) -> None:
+        self._ioctl("KVM_SET_XCRS", xcrs.ptr)
+
+    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+        """KVM_GET_MSRS: {index: value}; an MSR KVM refuses raises KvmError naming it."""
+        return msrs_get(self, indices)
+
+    def set_msrs(self, values: Dict[int, int]) -> None:
+        """KVM_SET_MSRS; raises if KVM accepted fewer than all of them."""
+        items = list(values.items())
+        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (idx, val) in enumerate(items):
+            c.entries[i].index = idx
+            c.entries[i].data = val
+        n = self._ioctl("KVM_SET_MSRS", c)
+        if n != len(items):
+            raise ioctl_error(KvmError, errno.EINVAL, "KVM_SET_MSRS",
+                              f"MSR {items[n][0]:#x} was refused (value {items[n][1]:#x})")
+
+    def get_cpuid2(self, max_entries: int = 256) -> List[CpuidEntry]:
+        """KVM_GET_CPUID2: the CPUID table this vCPU was given."""
+        c = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
+        self._ioctl("KVM_GET_CPUID2", c)
+        return cpuid_from_c(c)
+
+    def set_cpuid2(self, entries: Iterable[CpuidEntry]) -> None:
+        """KVM_SET_CPUID2: what the guest's CPUID instruction returns."""
+        self._ioctl("KVM_SET_CPUID2", cpuid_to_c(entries))
+
+    def get_lapic(self) -> Lapic:
+        """KVM_GET_LAPIC: the in-kernel local APIC's register page."""
+        return self._get("KVM_GET_LAPIC", Lapic())
+
+    def set_lapic(self, lapic: Lapic) -> None:
+        self._ioctl("KVM_SET_LAPIC", lapic.ptr)
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        return self._get("KVM_GET_VCPU_EVENTS", VcpuEvents())
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        self._ioctl("KVM_SET_VCPU_EVENTS", events.ptr)
+
+    def get_mp_state(self) -> MpState:
+        c = ffi.new("struct kvm_mp_state *")
+        self._ioctl("KVM_GET_MP_STATE", c)
+        try:
+            return MpState(c.mp_state)
+        except ValueError:
+            return c.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        self._ioctl("KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": int(state)}))
+
+    def get_debugregs(self) -> DebugRegs:
+        return self._get("KVM_GET_DEBUGREGS", DebugRegs())
+
+    def set_debugregs(self, dregs: DebugRegs) -> None:
+        self._ioctl("KVM_SET_DEBUGREGS", dregs.ptr)
+
+    def set_guest_debug(self, control: int, hw_breakpoints: Iterable[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: single-step (SINGLESTEP) or up to 4 execute breakpoints
+        (USE_HW_BP, addresses in ``hw_breakpoints``); each hit is a DebugExit."""
+        c = ffi.new("struct kvm_guest_debug *", {"control": int(control)})
+        bps = list(hw_breakpoints)[:4]
+        dr7 = 0
+        for i, addr in enumerate(bps):
+            c.arch.debugreg[i] = addr
+            dr7 |= 1 << (2 * i)  # local enable, R/W=00 (execute), LEN=00
+        if bps:
+            c.arch.debugreg[7] = dr7 | 0x400
+        self._ioctl("KVM_SET_GUEST_DEBUG", c)
+
+    def translate(self, linear_address: int) -> Dict[str, int]:
+        """KVM_TRANSLATE: walk the guest's page tables for a linear address."""
+        c = ffi.new("struct kvm_translation *", {"linear_address": linear_address})
+        self._ioctl("KVM_TRANSLATE", c)
+        return {"physical_address": c.physical_address, "valid": c.valid,
+                "writeable": c.writeable, "usermode": c.usermode}
+
+    def nmi(self) -> None:
+        """KVM_NMI: queue an NMI (in-kernel LAPIC)."""
+        self._ioctl("KVM_NMI")
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: inject an external interrupt vector (userspace irqchip only)."""
+        self._ioctl("KVM_INTERRUPT", ffi.new("struct kvm_interrupt *", {"irq": vector}))
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency."""
+        return self._ioctl("KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        self._ioctl("KVM_SET_TSC_KHZ", khz)
+
+    def _release(self) -> None:
+        run_c = getattr(self, "_run_c", None)
+        if run_c is not None:
+            ffi.release(run_c)
+            self._run_c = None
+            self._page = None
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            mm.close()
+            self._mm = None

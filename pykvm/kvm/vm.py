@@ -1,0 +1,328 @@
+"""``Vm``: a VM fd (memory slots, interrupt controllers, routing, eventfds, vCPUs)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import numpy as np
+
+from pykvm._fdobject import FdObject
+from pykvm._native import ffi, lib
+from pykvm.errors import KvmError
+from pykvm.kvm.caps import CapLike, cap_number
+from pykvm.kvm.regs import ClockData, IrqChip, PitState
+from pykvm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+
+
+class MemFlag(enum.IntFlag):
+    """KVM_MEM_* flags of a memory slot."""
+
+    LOG_DIRTY_PAGES = lib.KVM_MEM_LOG_DIRTY_PAGES
+    READONLY = lib.KVM_MEM_READONLY
+
+
+class IrqChipId(enum.IntEnum):
+    PIC_MASTER = lib.KVM_IRQCHIP_PIC_MASTER
+    PIC_SLAVE = lib.KVM_IRQCHIP_PIC_SLAVE
+    IOAPIC = lib.KVM_IRQCHIP_IOAPIC
+
+
+@dataclass(eq=False)
+class MemorySlot:
+    """A registered memslot. ``backing`` keeps the host memory alive while the slot exists."""
+
+    slot: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    flags: int
+    backing: Any = None
+
+    @property
+    def pages(self) -> int:
+        return (self.memory_size + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class IrqchipRoute:
+    """GSI -> pin of an in-kernel PIC/IOAPIC (KVM_IRQ_ROUTING_IRQCHIP)."""
+
+    gsi: int
+    irqchip: int
+    pin: int
+
+
+@dataclass(frozen=True)
+class MsiRoute:
+    """GSI -> an MSI message (KVM_IRQ_ROUTING_MSI)."""
+
+    gsi: int
+    address: int
+    data: int
+
+
+Route = Union[IrqchipRoute, MsiRoute]
+
+
+def _fd_of(obj: Union[int, Any]) -> int:
+    return obj if isinstance(obj, int) else obj.fileno()
+
+
+def _host_addr_of(backing: Any, size: int) -> int:
+    if isinstance(backing, MemoryRegion):
+        if backing.size < size:
+            raise ValueError(f"memslot of {size:#x} bytes is larger than its backing region ({backing.size:#x})")
+        return backing.host_address
+    c = ffi.from_buffer(backing, require_writable=False)
+    try:
+        if len(c) < size:
+            raise ValueError(f"memslot of {size:#x} bytes is larger than its backing buffer ({len(c):#x})")
+        return int(ffi.cast("uintptr_t", c))
+    finally:
+        ffi.release(c)
+
+
+class Vm(FdObject):
+    """A virtual machine. Created by ``Kvm.create_vm()``; closes its vCPUs and devices first."""
+
+    _error_family = KvmError
+    _what = "Vm"
+
+    def __init__(self, fd: int, kvm):
+        super().__init__(fd, kvm)
+        self.kvm = kvm
+        self.slots: Dict[int, MemorySlot] = {}
+        self._irqfds: Dict[tuple, Any] = {}
+        self._ioeventfds: Dict[tuple, Any] = {}
+
+    def check_extension(self, cap: CapLike) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (answers can differ per VM type)."""
+        return self._ioctl("KVM_CHECK_EXTENSION", cap_number(cap))
+
+    def enable_cap(self, cap: CapLike, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP: turn on an optional VM-wide behaviour (e.g. X86_USER_SPACE_MSR)."""
+        c = ffi.new("struct kvm_enable_cap *", {"cap": cap_number(cap), "flags": flags})
+        for i, a in enumerate(args[:4]):
+            c.args[i] = a
+        self._ioctl("KVM_ENABLE_CAP", c)
+
+    # -- memory -----------------------------------------------------------
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int,
+                               backing: Any = None, flags: int = 0,
+                               userspace_addr: Optional[int] = None) -> Optional[MemorySlot]:
+        """KVM_SET_USER_MEMORY_REGION: back ``[gpa, gpa+size)`` with host memory.
+
+        ``backing`` is a MemoryRegion or any writable buffer (kept alive by the
+        slot); a raw ``userspace_addr`` may be given instead. Size 0 deletes the slot.
+        """
+        if memory_size and userspace_addr is None:
+            if backing is None:
+                raise ValueError("give backing memory or userspace_addr")
+            userspace_addr = _host_addr_of(backing, memory_size)
+        c = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot, "flags": int(flags), "guest_phys_addr": guest_phys_addr,
+            "memory_size": memory_size, "userspace_addr": userspace_addr or 0,
+        })
+        self._ioctl("KVM_SET_USER_MEMORY_REGION", c)
+        if memory_size == 0:
+            self.slots.pop(slot, None)
+            return None
+        ms = MemorySlot(slot, guest_phys_addr, memory_size, userspace_addr, int(flags), backing)
+        self.slots[slot] = ms
+        return ms
+
+    def delete_memory_region(self, slot: int) -> None:
+        """Remove a memslot (KVM_SET_USER_MEMORY_REGION with size 0)."""
+        self.set_user_memory_region(slot, 0, 0)
+
+    def free_slot(self) -> int:
+        n = 0
+        while n in self.slots:
+            n += 1
+        return n
+
+    def map_memory(self, memory: GuestMemory, flags: int = 0) -> List[MemorySlot]:
+        """Register every region of ``memory`` in a free memslot."""
+        out = []
+        for r in memory:
+            f = flags | (MemFlag.READONLY if r.readonly else 0)
+            out.append(self.set_user_memory_region(self.free_slot(), r.gpa, r.size, r, f))
+        return out
+
+    def get_dirty_log(self, slot: int) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG: page indices (within the slot) written since the last call."""
+        ms = self.slots[slot]
+        words = (ms.pages + 63) // 64
+        bitmap = np.zeros(max(words, 1), dtype=np.uint64)
+        c = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": ffi.from_buffer(bitmap)})
+        self._ioctl("KVM_GET_DIRTY_LOG", c)
+        bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[: ms.pages]
+        return np.flatnonzero(bits)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> None:
+        """KVM_CLEAR_DIRTY_LOG: re-protect pages (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
+        bitmap = np.full((num_pages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+        c = ffi.new("struct kvm_clear_dirty_log *", {
+            "slot": slot, "num_pages": num_pages, "first_page": first_page,
+            "dirty_bitmap": ffi.from_buffer(bitmap)})
+        self._ioctl("KVM_CLEAR_DIRTY_LOG", c)
+
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: 3 pages of guest-physical space VMX needs for real mode."""
+        self._ioctl("KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page for VMX's unpaged-mode EPT identity map."""
+        self._ioctl("KVM_SET_IDENTITY_MAP_ADDR", ffi.new("__u64 *", addr))
+
+    # -- interrupt controllers --------------------------------------------
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and a LAPIC per vCPU."""
+        self._ioctl("KVM_CREATE_IRQCHIP")
+
+    def get_irqchip(self, chip_id: int) -> IrqChip:
+        s = IrqChip(chip_id=chip_id)
+        self._ioctl("KVM_GET_IRQCHIP", s.ptr)
+        return s
+
+    def set_irqchip(self, state: IrqChip) -> None:
+        self._ioctl("KVM_SET_IRQCHIP", state.ptr)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2: an in-kernel i8254 timer (its IRQ goes to GSI 0)."""
+        self._ioctl("KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *", {"flags": flags}))
+
+    def get_pit2(self) -> PitState:
+        s = PitState()
+        self._ioctl("KVM_GET_PIT2", s.ptr)
+        return s
+
+    def set_pit2(self, state: PitState) -> None:
+        self._ioctl("KVM_SET_PIT2", state.ptr)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: set an in-kernel irqchip input (GSI) high or low."""
+        self._ioctl("KVM_IRQ_LINE", ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
+
+    def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
+        """KVM_SIGNAL_MSI: inject one MSI; returns >0 if delivered, 0 if blocked by the guest."""
+        c = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
+                                         "data": data, "flags": flags, "devid": devid})
+        return self._ioctl("KVM_SIGNAL_MSI", c)
+
+    def set_gsi_routing(self, routes: Iterable[Route]) -> None:
+        """KVM_SET_GSI_ROUTING: replace the whole GSI routing table."""
+        routes = list(routes)
+        c = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for i, r in enumerate(routes):
+            e = c.entries[i]
+            e.gsi = r.gsi
+            if isinstance(r, IrqchipRoute):
+                e.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip = r.irqchip
+                e.u.irqchip.pin = r.pin
+            else:
+                e.type = lib.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo = r.address & 0xFFFFFFFF
+                e.u.msi.address_hi = r.address >> 32
+                e.u.msi.data = r.data
+        self._ioctl("KVM_SET_GSI_ROUTING", c)
+
+    @staticmethod
+    def default_irqchip_routes() -> List[IrqchipRoute]:
+        """The routing KVM_CREATE_IRQCHIP installs: GSI 0-15 to both PICs and the IOAPIC, 16-23 to the IOAPIC."""
+        routes: List[IrqchipRoute] = []
+        for gsi in range(24):
+            if gsi < 8:
+                routes.append(IrqchipRoute(gsi, IrqChipId.PIC_MASTER, gsi))
+            elif gsi < 16:
+                routes.append(IrqchipRoute(gsi, IrqChipId.PIC_SLAVE, gsi - 8))
+            routes.append(IrqchipRoute(gsi, IrqChipId.IOAPIC, gsi))
+        return routes
+
+    def irqfd(self, eventfd: Any, gsi: int, resample_fd: Any = None) -> None:
+        """KVM_IRQFD: a write to ``eventfd`` raises GSI ``gsi`` inside the kernel.
+
+        With ``resample_fd`` the GSI is level-triggered: KVM lowers it on EOI and
+        signals ``resample_fd`` so the device (e.g. VFIO INTx) can re-assert.
+        """
+        c = ffi.new("struct kvm_irqfd *", {"fd": _fd_of(eventfd), "gsi": gsi})
+        if resample_fd is not None:
+            c.flags = lib.KVM_IRQFD_FLAG_RESAMPLE
+            c.resamplefd = _fd_of(resample_fd)
+        self._ioctl("KVM_IRQFD", c)
+        self._irqfds[(_fd_of(eventfd), gsi)] = (eventfd, resample_fd)
+
+    def irqfd_deassign(self, eventfd: Any, gsi: int) -> None:
+        c = ffi.new("struct kvm_irqfd *", {"fd": _fd_of(eventfd), "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN})
+        self._ioctl("KVM_IRQFD", c)
+        self._irqfds.pop((_fd_of(eventfd), gsi), None)
+
+    def _ioeventfd(self, eventfd: Any, addr: int, length: int, pio: bool, datamatch: Optional[int], deassign: bool) -> None:
+        flags = 0
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        c = ffi.new("struct kvm_ioeventfd *", {"datamatch": datamatch or 0, "addr": addr, "len": length,
+                                               "fd": _fd_of(eventfd), "flags": flags})
+        self._ioctl("KVM_IOEVENTFD", c)
+        key = (addr, length, pio, datamatch)
+        if deassign:
+            self._ioeventfds.pop(key, None)
+        else:
+            self._ioeventfds[key] = eventfd
+
+    def ioeventfd(self, eventfd: Any, addr: int, length: int, pio: bool = False, datamatch: Optional[int] = None) -> None:
+        """KVM_IOEVENTFD: a guest write to ``addr`` signals ``eventfd`` without an exit."""
+        self._ioeventfd(eventfd, addr, length, pio, datamatch, False)
+
+    def ioeventfd_deassign(self, eventfd: Any, addr: int, length: int, pio: bool = False, datamatch: Optional[int] = None) -> None:
+        self._ioeventfd(eventfd, addr, length, pio, datamatch, True)
+
+    def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: writes to the zone are queued in a ring, not exited."""
+        c = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
+        self._ioctl("KVM_REGISTER_COALESCED_MMIO", c)
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        c = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
+        self._ioctl("KVM_UNREGISTER_COALESCED_MMIO", c)
+
+    # -- clock ------------------------------------------------------------
+    def get_clock(self) -> ClockData:
+        """KVM_GET_CLOCK: kvmclock's current guest time in ns."""
+        s = ClockData()
+        self._ioctl("KVM_GET_CLOCK", s.ptr)
+        return s
+
+    def set_clock(self, clock_ns: int, flags: int = 0) -> None:
+        s = ClockData(clock=clock_ns, flags=flags)
+        self._ioctl("KVM_SET_CLOCK", s.ptr)
+
+    # -- children ---------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
+        """KVM_CREATE_VCPU: a vCPU with this APIC ID; its kvm_run page is mmap'd."""
+        from pykvm.kvm.vcpu import Vcpu
+
+        fd = self._ioctl("KVM_CREATE_VCPU", vcpu_id)
+        return Vcpu(fd, self, vcpu_id)
+
+    def create_device(self, dev_type: int, test: bool = False) -> Optional["DeviceFd"]:
+        """KVM_CREATE_DEVICE: an in-kernel device such as KVM_DEV_TYPE_VFIO.
+
+        With ``test=True`` only asks whether the type is supported (returns None)."""
+        from pykvm.kvm.device import DeviceFd
+
+        c = ffi.new("struct kvm_create_device *", {"type": dev_type,
+                                                   "flags": lib.KVM_CREATE_DEVICE_TEST if test else 0})
+        self._ioctl("KVM_CREATE_DEVICE", c)
+        return None if test else DeviceFd(c.fd, self, dev_type)
+
+    def _release(self) -> None:
+        self.slots.clear()
+        self._irqfds.clear()
+        self._ioeventfds.clear()
