@@ -9,8 +9,8 @@ Every error is raised here, before any vCPU exists.
 
 Three ways in:
 
-- bzImage: the protected-mode kernel at its preferred address, entered at
-  load + 0x200 (startup_64 of the decompressor) in long mode with identity
+- bzImage: the protected-mode kernel at its preferred address (where the
+  decompressor works anyway: it never runs below it), entered at load + 0x200 (startup_64 of the decompressor) in long mode with identity
   paging, rsi = zero page.
 - ELF vmlinux with a PVH note: segments at their physical addresses, entered
   at the PVH entry in 32-bit protected mode without paging, ebx = hvm_start_info.
@@ -80,7 +80,7 @@ def plan_boot(
     if is_bzimage(kernel):
         return _plan_bzimage(parse_bzimage(kernel), layout, cmd, initrd)
     if is_elf(kernel):
-        return _plan_elf(parse_elf(kernel), layout, cmd, initrd, pvh)
+        return _plan_elf(kernel, parse_elf(kernel), layout, cmd, initrd, pvh)
     raise BootImageError("kernel is neither a bzImage (no 'HdrS' header) nor an ELF vmlinux: pass e.g. /boot/vmlinuz-*")
 
 
@@ -110,6 +110,10 @@ def _suggest(needed: int) -> str:
     return f"{_align_up(needed + 16 * L.MiB, 64 * L.MiB) // L.MiB}M"
 
 
+def _initrd_write(initrd: Optional[bytes], placed: Optional[Tuple[int, int]]) -> List[Write]:
+    return [(placed[0], initrd)] if initrd and placed else []
+
+
 def _common_writes(cmd: bytes) -> List[Write]:
     return [(L.BOOT_GDT_ADDR, gdt_bytes()), (L.CMDLINE_ADDR, cmd + b"\0")]
 
@@ -117,28 +121,22 @@ def _common_writes(cmd: bytes) -> List[Write]:
 def _plan_bzimage(img: BzImage, layout: L.Layout, cmd: bytes, initrd: Optional[bytes]) -> BootPlan:
     hdr = img.header
     _check_cmdline(cmd, hdr.cmdline_size)
+    # The decompressor runs from max(load address, LOAD_PHYSICAL_ADDR = pref_address), and
+    # needs init_size bytes there: loading lower saves nothing, so load at pref_address.
     load = hdr.pref_address
-    low_end = layout.low_ram_end
-    if load < L.HIGH_MEMORY_START or load + hdr.init_size > low_end:
-        if not hdr.relocatable:
-            raise BootError(
-                f"this non-relocatable kernel must run at {load:#x} and needs {hdr.init_size / L.MiB:.1f} MiB there; "
-                f"give the guest more memory (e.g. --memory {_suggest(load + hdr.init_size)})"
-            )
-        load = _align_up(L.HIGH_MEMORY_START, hdr.kernel_alignment)
     kernel_end = load + hdr.init_size
-    if kernel_end > low_end:
+    if load < L.HIGH_MEMORY_START or kernel_end > layout.low_ram_end:
         raise BootError(
-            f"kernel needs {hdr.init_size / L.MiB:.1f} MiB from {load:#x} to boot but RAM below 4 GiB ends at {low_end:#x}; "
-            f"give the guest more memory (e.g. --memory {_suggest(kernel_end)})"
+            f"kernel needs {hdr.init_size / L.MiB:.1f} MiB from {load:#x} to boot but RAM below the PCI hole is "
+            f"[1 MiB, {layout.low_ram_end:#x}); give the guest more memory (e.g. --memory {_suggest(kernel_end)})"
         )
-    placed = _place_initrd(initrd, kernel_end, min(low_end, hdr.initrd_addr_max + 1))
+    placed = _place_initrd(initrd, kernel_end, min(layout.low_ram_end, hdr.initrd_addr_max + 1))
     zero_page = build_zero_page(hdr.raw, layout.e820, L.CMDLINE_ADDR, load, placed)
     writes = _common_writes(cmd) + [(L.ZERO_PAGE_ADDR, zero_page), (load, img.kernel)]
     return _long_mode_plan("bzimage", load + ENTRY_64_OFFSET, writes, (load, hdr.init_size), initrd, placed, cmd)
 
 
-def _plan_elf(elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd: Optional[bytes], pvh: bool) -> BootPlan:
+def _plan_elf(image: bytes, elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd: Optional[bytes], pvh: bool) -> BootPlan:
     _check_cmdline(cmd, ELF_CMDLINE_SIZE)
     for s in elf.segments:
         if s.paddr < L.HIGH_MEMORY_START or s.end > layout.low_ram_end:
@@ -148,16 +146,16 @@ def _plan_elf(elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd: Optional[byt
             )
     placed = _place_initrd(initrd, _align_up(elf.end, L.PAGE_SIZE), layout.low_ram_end)
     writes = _common_writes(cmd)
+    view = memoryview(image)
     for s in elf.segments:
-        writes.append((s.paddr, memoryview(kernel_bytes_of(elf))[s.offset:s.offset + s.filesz]))
+        writes.append((s.paddr, view[s.offset:s.offset + s.filesz]))
         if s.memsz > s.filesz:
             writes.append((s.paddr + s.filesz, bytes(s.memsz - s.filesz)))
     kernel_range = (elf.start, elf.end - elf.start)
     if pvh and elf.pvh_entry is not None:
         info = build_pvh_start_info(L.PVH_START_INFO_ADDR, layout.e820, L.CMDLINE_ADDR, placed)
         writes.append((L.PVH_START_INFO_ADDR, info))
-        if initrd and placed:
-            writes.append((placed[0], initrd))
+        writes += _initrd_write(initrd, placed)
         return BootPlan(
             kind="pvh", writes=tuple(writes), entry=elf.pvh_entry, boot_params=L.PVH_START_INFO_ADDR, long_mode=False,
             regs=EntryRegs(rip=elf.pvh_entry, rsp=L.BOOT_STACK_TOP, rbx=L.PVH_START_INFO_ADDR),
@@ -172,8 +170,7 @@ def _plan_elf(elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd: Optional[byt
 def _long_mode_plan(kind: str, entry: int, writes: List[Write], kernel_range: Tuple[int, int],
                     initrd: Optional[bytes], placed: Optional[Tuple[int, int]], cmd: bytes) -> BootPlan:
     writes.append((L.PAGE_TABLES_ADDR, identity_page_tables(L.PAGE_TABLES_ADDR, IDENTITY_MAP_GIB)))
-    if initrd and placed:
-        writes.append((placed[0], initrd))
+    writes += _initrd_write(initrd, placed)
     return BootPlan(
         kind=kind, writes=tuple(writes), entry=entry, boot_params=L.ZERO_PAGE_ADDR, long_mode=True,
         regs=EntryRegs(rip=entry, rsp=L.BOOT_STACK_TOP, rsi=L.ZERO_PAGE_ADDR),
