@@ -231,13 +231,16 @@ def persist_lines(root: Root, bdf: str, *, whole_group: bool = False) -> List[st
         devices = [d for d in group_of(root, dev, ids).devices if not d.is_bridge]
     id_list = ",".join(sorted({d.ids for d in devices}))
     drivers = sorted({d.driver for d in devices if d.driver and d.driver != VFIO_DRIVER})
-    modules = _initramfs_modules(read_kernel_config(root))
+    config = read_kernel_config(root)
+    modules = _initramfs_modules(config)
     lines += [
         "# /etc/modprobe.d/vfio-pci-pykvm.conf",
         f"options vfio-pci ids={id_list}",
         *[f"softdep {drv.replace('-', '_')} pre: vfio-pci" for drv in drivers],
         f"# note: ids= claims EVERY device with these IDs ({id_list}), not only {dev.bdf}",
     ]
+    if config and config.value("CONFIG_VFIO") == "n":
+        lines.append("# note: this kernel has no VFIO (CONFIG_VFIO is not set): boot a kernel that has it")
     if modules:
         lines += [
             "",
