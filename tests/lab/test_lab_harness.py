@@ -1,0 +1,68 @@
+"""The lab itself: L1 has what the VFIO and KVM tests rely on, and the harness reports
+exit statuses and timeouts faithfully."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pykvm.lab import EDU_BDF, EDU_ID, NVME_BDF, NVME_ID, TESTDEV_BDF, TESTDEV_ID, nvme_sector
+from pykvm.lab import LabTimeout
+
+PCI = Path("/sys/bus/pci/devices")
+
+
+@pytest.mark.lab
+def test_vfio_and_type1_backend_are_there():
+    assert Path("/dev/vfio/vfio").exists()
+    assert Path("/sys/module/vfio_iommu_type1").is_dir()
+    assert Path("/sys/module/vfio_pci").is_dir()
+
+
+@pytest.mark.lab
+def test_kvm_is_there():
+    assert Path("/dev/kvm").exists()
+    assert Path("/sys/module/kvm_amd").is_dir()
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("bdf, ids", [(EDU_BDF, EDU_ID), (NVME_BDF, NVME_ID), (TESTDEV_BDF, TESTDEV_ID)])
+def test_pci_devices_at_pinned_addresses(bdf, ids):
+    device = PCI / bdf
+    assert int((device / "vendor").read_text(), 16) == ids[0]
+    assert int((device / "device").read_text(), 16) == ids[1]
+    # Each device sits alone in its IOMMU group: the emulated IOMMU is active.
+    assert os.listdir(device / "iommu_group" / "devices") == [bdf]
+
+
+@pytest.mark.lab
+def test_nvme_disk_holds_the_known_pattern():
+    assert (PCI / NVME_BDF / "driver").resolve().name == "nvme"
+    with open("/dev/nvme0n1", "rb") as disk:
+        assert disk.read(512) == nvme_sector(0)
+        disk.seek(12345 * 512)
+        assert disk.read(512) == nvme_sector(12345)
+
+
+@pytest.mark.lab
+def test_lab_out_is_writable():
+    out = Path(os.environ["PYKVM_LAB_OUT"])
+    (out / "probe.txt").write_text("written in L1\n")
+    assert (out / "probe.txt").read_text() == "written in L1\n"
+
+
+def test_run_returns_status_output_and_reports_timeout(lab, tmp_path):
+    """On the host: two short L1 boots (a failing command, then one that overruns)."""
+    result = lab.run(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo x > $PYKVM_LAB_OUT/f; exit 7"], timeout=60)
+    assert result.returncode == 7
+    assert result.output.splitlines() == ["to-stdout", "to-stderr"]
+    assert (result.out_dir / "f").read_text() == "x\n"
+    assert "PYKVM-LAB-" in result.console
+
+    started = time.monotonic()
+    with pytest.raises(LabTimeout) as excinfo:
+        lab.run(["sh", "-c", "echo sleeping; sleep 600"], timeout=5, out_dir=tmp_path / "out")
+    assert time.monotonic() - started < lab.boot_timeout + 5 + 15
+    assert "sleeping" in excinfo.value.console_tail
