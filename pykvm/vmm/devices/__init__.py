@@ -1,0 +1,1 @@
+"""Device models: plain classes with ``read(offset, size)`` / ``write(offset, data)`` for a Bus."""

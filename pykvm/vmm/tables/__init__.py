@@ -1,0 +1,1 @@
+"""Firmware tables the guest reads to discover CPUs and interrupt routing."""
