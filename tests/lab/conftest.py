@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 IN_LAB = os.environ.get("PYKVM_IN_LAB") == "1"
 REQUIRE_LAB = os.environ.get("PYKVM_REQUIRE_LAB") == "1"
 RESULTS_FILE = "lab-results.jsonl"
+INNER_ONLY_MARKS = {"skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
 
 
 def _unavailable(reason: str) -> None:
@@ -146,7 +147,10 @@ else:
             skipped = [r for r in records if r["outcome"] == "skipped"]
             if skipped:
                 r = skipped[0]
-                pytest.skip(f"in L1: {r['skip_reason'] or ('xfail: ' + str(r['wasxfail']))}")
+                if r["wasxfail"] is not None:
+                    pytest.xfail(f"in L1: {r['wasxfail']}")
+                reason = (r["skip_reason"] or "").removeprefix("Skipped: ")
+                pytest.skip(f"in L1: {reason}")
 
     class LabItem(pytest.Item):
         """Host-side stand-in for a lab test: no fixtures here, the outcome comes from L1."""
@@ -154,6 +158,12 @@ else:
         def __init__(self, *, lab_session: LabSession, **kwargs) -> None:
             super().__init__(**kwargs)
             self.lab_session = lab_session
+
+        def iter_markers_with_node(self, name=None):
+            # skip/skipif/xfail conditions are evaluated in L1, where they mean something.
+            for node, mark in super().iter_markers_with_node(name):
+                if mark.name not in INNER_ONLY_MARKS:
+                    yield node, mark
 
         def runtest(self) -> None:
             self.lab_session.report(self.nodeid)
@@ -173,5 +183,4 @@ else:
             if item in lab_items:
                 proxy = LabItem.from_parent(item.parent, name=item.name, nodeid=item.nodeid, lab_session=lab_session)
                 proxy.own_markers = list(item.own_markers)
-                proxy.keywords.update(item.keywords)
                 items[index] = proxy
