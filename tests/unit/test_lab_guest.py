@@ -1,7 +1,6 @@
 """L1's init script, the job script, and reading L1's console (pure logic)."""
 from __future__ import annotations
 
-import shlex
 import subprocess
 
 from hypothesis import given, strategies as st
