@@ -1,4 +1,57 @@
-"""cffi declarations for the C vCPU run loop in csrc/ (filled in by the run-loop work)."""
-CDEF = ""
-SOURCE = ""
-C_FILES: list = []
+"""cffi declarations for the C vCPU run loop (csrc/runloop.h, csrc/runloop.c).
+
+Struct fields are declared by name with ``...;`` so the compiler supplies the
+layout; the constants come from the header.
+"""
+CDEF = r"""
+#define PYKVM_RL_MAX_RANGES ...
+#define PYKVM_RL_NREASONS ...
+#define PYKVM_RL_UART_RING ...
+#define PYKVM_RL_EXIT ...
+#define PYKVM_RL_INTERRUPTED ...
+#define PYKVM_RL_STOPPED ...
+#define PYKVM_RL_BUDGET ...
+#define PYKVM_RL_DEADLINE ...
+#define PYKVM_RL_UART_FLUSH ...
+#define PYKVM_RL_ERROR ...
+#define PYKVM_RL_SPACE_PIO ...
+#define PYKVM_RL_SPACE_MMIO ...
+
+struct pykvm_rl_range {
+    uint64_t base; uint64_t length; uint64_t value; uint32_t space;
+    uint64_t reads; uint64_t writes; ...;
+};
+
+struct pykvm_runloop {
+    int vcpu_fd;
+    struct kvm_run *run;
+    uint64_t run_size;
+    int32_t stop;
+    uint64_t exits_left;
+    uint64_t deadline_ns;
+    int32_t last_errno;
+    uint32_t nranges;
+    struct pykvm_rl_range ranges[...];
+    int32_t uart_base;
+    int32_t uart_tx_ok;
+    int32_t uart_lsr;
+    int32_t uart_flush_on_newline;
+    uint32_t uart_head;
+    uint32_t uart_tail;
+    uint64_t uart_tx_bytes;
+    int32_t last_reason;
+    uint64_t last_exit_ns;
+    uint64_t exits[...];
+    uint64_t c_handled[...];
+    uint64_t run_ns[...];
+    uint64_t handle_ns[...];
+    ...;
+};
+
+int pykvm_runloop_run(struct pykvm_runloop *rl);
+uint32_t pykvm_runloop_uart_drain(struct pykvm_runloop *rl, uint8_t *out, uint32_t cap);
+uint64_t pykvm_monotonic_ns(void);
+"""
+
+SOURCE = '#include "runloop.h"'
+C_FILES = ["runloop.c"]

@@ -1,0 +1,78 @@
+/* The vCPU run loop's C hot path: KVM_RUN in a loop, with the frequent and
+ * simple exits answered here so Python only sees exits that need it.
+ *
+ * The Python side (pykvm/vmm/runloop.py) fills a struct pykvm_runloop from
+ * the machine's buses, calls pykvm_runloop_run() without the GIL (cffi drops
+ * it), and handles whatever exit is left in kvm_run when it returns.
+ */
+#ifndef PYKVM_RUNLOOP_H
+#define PYKVM_RUNLOOP_H
+
+#include <stdint.h>
+#include <linux/kvm.h>
+
+#define PYKVM_RL_MAX_RANGES 64
+#define PYKVM_RL_NREASONS 64          /* exit reasons >= this share the last slot */
+#define PYKVM_RL_UART_RING 4096       /* power of two */
+
+/* Return values of pykvm_runloop_run(). */
+#define PYKVM_RL_EXIT 0         /* an exit for Python is in kvm_run */
+#define PYKVM_RL_INTERRUPTED 1  /* KVM_RUN returned EINTR (a kick or another signal) */
+#define PYKVM_RL_STOPPED 2      /* the stop flag was set before entering the guest */
+#define PYKVM_RL_BUDGET 3       /* exits_left reached 0 (last exit handled in C) */
+#define PYKVM_RL_DEADLINE 4     /* CLOCK_MONOTONIC passed deadline_ns after a C-handled exit */
+#define PYKVM_RL_UART_FLUSH 5   /* the UART ring is half full or got a newline: drain it */
+#define PYKVM_RL_ERROR 6        /* KVM_RUN failed; errno in last_errno */
+
+#define PYKVM_RL_SPACE_PIO 0
+#define PYKVM_RL_SPACE_MMIO 1
+
+/* An address range answered in C: writes are counted and dropped, reads are
+ * counted and return the low bytes of `value` (little-endian, per element). */
+struct pykvm_rl_range {
+    uint64_t base;
+    uint64_t length;
+    uint64_t value;
+    uint32_t space;
+    uint64_t reads;
+    uint64_t writes;
+};
+
+struct pykvm_runloop {
+    int vcpu_fd;
+    struct kvm_run *run;
+    uint64_t run_size;          /* bytes mapped at run (KVM_GET_VCPU_MMAP_SIZE) */
+
+    /* control, written by Python (any thread), read here */
+    int32_t stop;
+    uint64_t exits_left;        /* UINT64_MAX: no budget */
+    uint64_t deadline_ns;       /* CLOCK_MONOTONIC; 0: none */
+    int32_t last_errno;
+
+    uint32_t nranges;
+    struct pykvm_rl_range ranges[PYKVM_RL_MAX_RANGES];
+
+    /* 16550 transmit fast path; the Python model publishes what is safe */
+    int32_t uart_base;          /* -1: no UART fast path */
+    int32_t uart_tx_ok;         /* a THR write is pure output (DLAB=0, no THRE irq, no loopback) */
+    int32_t uart_lsr;           /* LSR value when reading it has no side effect, else -1 */
+    int32_t uart_flush_on_newline;
+    uint32_t uart_head;         /* producer (vCPU thread) index */
+    uint32_t uart_tail;         /* consumer (drain) index */
+    uint64_t uart_tx_bytes;
+    uint8_t uart_ring[PYKVM_RL_UART_RING];
+
+    /* statistics, by exit reason slot */
+    int32_t last_reason;        /* slot of the exit being handled, -1: none */
+    uint64_t last_exit_ns;
+    uint64_t exits[PYKVM_RL_NREASONS];
+    uint64_t c_handled[PYKVM_RL_NREASONS];
+    uint64_t run_ns[PYKVM_RL_NREASONS];     /* inside KVM_RUN, by the reason it ended with */
+    uint64_t handle_ns[PYKVM_RL_NREASONS];  /* in userspace between that exit and the next entry */
+};
+
+int pykvm_runloop_run(struct pykvm_runloop *rl);
+uint32_t pykvm_runloop_uart_drain(struct pykvm_runloop *rl, uint8_t *out, uint32_t cap);
+uint64_t pykvm_monotonic_ns(void);
+
+#endif

@@ -1,0 +1,411 @@
+"""The vCPU run loop: enter the guest, route each exit, repeat.
+
+One ``RunLoop`` description (the machine's PIO and MMIO buses, exit handlers)
+drives two implementations that behave the same:
+
+- ``CRunLoop``: ``pykvm_runloop_run()`` (csrc/runloop.c) calls KVM_RUN without
+  the GIL and answers the frequent, simple exits in C: accesses to ranges whose
+  device is a ``ConstantDevice`` (ignored ports, counters) and, while the 16550
+  model says it is safe, THR writes (into a ring Python drains) and LSR reads.
+  Every other exit comes back here and takes the Python path.
+- ``PyRunLoop``: ``Vcpu.run()`` and the same Python path for every exit.
+
+The Python path is one walk: IO/MMIO exit -> the bus that owns the address ->
+the device -> the bytes of a read written into the exit's data. Other exits go
+to ``handlers[reason]`` or ``on_unhandled`` (default: stop and report); a
+handler that raises is logged and stops the loop. Nothing a guest does raises
+out of ``run_until``.
+
+``kick()`` and ``stop()`` may be called from any thread: ``kick`` makes the
+current ``run_until`` return INTERRUPTED, ``stop`` makes it (and every later
+one) return STOPPED.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
+
+from pykvm._native import ffi, lib
+from pykvm.errors import KvmError, ioctl_error
+from pykvm.kvm import exits
+from pykvm.kvm.exits import Exit, IoExit, MmioExit
+from pykvm.kvm.vcpu import Vcpu
+from pykvm.vmm.bus import Bus
+
+log = logging.getLogger(__name__)
+
+ALL_ONES = (1 << 64) - 1
+NREASONS = lib.PYKVM_RL_NREASONS
+UART_LSR = 5
+
+
+class ConstantDevice:
+    """A range answered without state: reads return the low bytes of ``value``
+    (little-endian, per access), writes are dropped; both are counted.
+
+    The C loop answers such ranges itself; ``ALL_ONES`` makes an ignored range
+    (what an absent device reads as on a PC)."""
+
+    def __init__(self, value: int = ALL_ONES):
+        self.value = value & ALL_ONES
+        self.reads = 0
+        self.writes = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.reads += 1
+        return (self.value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes += 1
+
+
+class FastPathUart(Protocol):
+    """What a UART model offers for the C transmit fast path (duck-typed)."""
+
+    fast_path_listener: Optional[Callable[[], None]]
+
+    def fast_path_state(self) -> Tuple[bool, int]:
+        """(a THR write only transmits, LSR value if reading it has no side effect else -1)"""
+
+    def emit(self, data: bytes) -> None:
+        """Send bytes written to THR through the fast path to the model's output."""
+
+
+Handler = Callable[[Exit], bool]  # returns True to stop the loop
+
+
+def stop_and_report(ex: Exit) -> bool:
+    """Default for exits nobody handles (SHUTDOWN, SYSTEM_EVENT, FAIL_ENTRY, ...): stop."""
+    log.info("vCPU exit %s stops the run loop: %r", ex.name, ex)
+    return True
+
+
+@dataclass
+class RunLoop:
+    """What both loops share: buses, exit handlers, and the ranges C may answer."""
+
+    pio: Bus
+    mmio: Bus
+    handlers: Dict[int, Handler] = field(default_factory=dict)
+    on_unhandled: Handler = stop_and_report
+    uart_flush_on_newline: bool = True
+
+    def constant_ranges(self) -> List[Tuple[int, "object"]]:
+        """(space, Range) of every ConstantDevice on the buses: these the C loop answers."""
+        out = [(lib.PYKVM_RL_SPACE_PIO, r) for r in self.pio.ranges() if isinstance(r.device, ConstantDevice)]
+        out += [(lib.PYKVM_RL_SPACE_MMIO, r) for r in self.mmio.ranges() if isinstance(r.device, ConstantDevice)]
+        return out
+
+    def fast_uart(self) -> Optional[Tuple[int, FastPathUart]]:
+        """(base port, model) of the first PIO device offering the UART fast path."""
+        for r in self.pio.ranges():
+            if r.length > UART_LSR and all(hasattr(r.device, a) for a in ("fast_path_state", "emit")):
+                return r.base, r.device
+        return None
+
+    def dispatch(self, ex: Exit) -> bool:
+        """Handle one exit on the Python path; True means stop the loop."""
+        if isinstance(ex, IoExit):
+            bus, size = self.pio, ex.size
+            for i in range(ex.count):
+                chunk = slice(i * size, (i + 1) * size)
+                if ex.is_in:
+                    ex.data[chunk] = bus.read(ex.port, size)
+                else:
+                    bus.write(ex.port, bytes(ex.data[chunk]))
+            return False
+        if isinstance(ex, MmioExit):
+            if ex.is_write:
+                self.mmio.write(ex.address, bytes(ex.data))
+            else:
+                ex.data[:] = self.mmio.read(ex.address, ex.length)
+            return False
+        handler = self.handlers.get(ex.reason, self.on_unhandled)
+        try:
+            return bool(handler(ex))
+        except Exception:
+            log.exception("exit handler for %s failed; stopping the run loop", ex.name)
+            return True
+
+
+class Status(enum.Enum):
+    """Why ``run_until`` returned."""
+
+    EXIT = "exit"                # a handler asked to stop on ``exit`` (or failed)
+    STOPPED = "stopped"          # stop() was called
+    INTERRUPTED = "interrupted"  # kick() (or another signal) interrupted KVM_RUN
+    PREDICATE = "predicate"      # the caller's predicate became true
+    DEADLINE = "deadline"        # the timeout passed
+    MAX_EXITS = "max_exits"      # the exit budget is spent
+    ERROR = "error"              # KVM_RUN failed (``error``)
+
+
+@dataclass
+class RunResult:
+    status: Status
+    exit: Optional[Exit] = None
+    error: Optional[OSError] = None
+
+
+@dataclass
+class RunStats:
+    """Exits and time by reason name, like ``perf kvm stat``."""
+
+    exits: Counter
+    c_handled: Counter
+    python_handled: Counter
+    run_ns: Counter     # inside KVM_RUN, by the reason it ended with
+    handle_ns: Counter  # in the VMM between that exit and the next entry
+
+    def table(self) -> str:
+        lines = [f"{'reason':<16}{'exits':>10}{'in C':>10}{'in Py':>10}{'guest ms':>11}{'vmm ms':>10}{'vmm us/exit':>12}"]
+        for name, n in self.exits.most_common():
+            h = self.handle_ns[name]
+            lines.append(f"{name:<16}{n:>10}{self.c_handled[name]:>10}{self.python_handled[name]:>10}"
+                         f"{self.run_ns[name] / 1e6:>11.2f}{h / 1e6:>10.2f}{h / 1e3 / n:>12.2f}")
+        return "\n".join(lines)
+
+
+def _slot_name(slot: int) -> str:
+    return exits.reason_name(slot) if slot < NREASONS - 1 else "OTHER"
+
+
+class _Loop:
+    """The parts both loops share: control from other threads, budget, deadline, stats."""
+
+    def __init__(self, desc: RunLoop, vcpu: Vcpu):
+        self.desc = desc
+        self.vcpu = vcpu
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def kick(self) -> None:
+        """Make the current (or next) ``run_until`` return INTERRUPTED. Any thread."""
+        self.vcpu.kick()
+
+    def stop(self) -> None:
+        """Make ``run_until`` return STOPPED now and from now on. Any thread."""
+        self._stopped = True
+        self._set_stop_flag()
+        self.vcpu.kick()
+
+    def _set_stop_flag(self) -> None:
+        pass
+
+    def run_until(self, predicate: Optional[Callable[[], bool]] = None, timeout: Optional[float] = None,
+                  max_exits: Optional[int] = None) -> RunResult:
+        """Run the vCPU until a handler stops it, ``predicate()`` is true (checked
+        after each exit Python sees), ``timeout`` seconds pass, ``max_exits``
+        exits happened, or another thread calls kick()/stop()."""
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.vcpu.kick)  # a guest that never exits
+            timer.daemon = True
+            timer.start()
+        try:
+            result = self._run(predicate, deadline, max_exits)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if result.status in (Status.INTERRUPTED, Status.DEADLINE, Status.STOPPED):
+            if self._stopped:
+                result.status = Status.STOPPED
+            elif deadline is not None and time.monotonic_ns() >= deadline:
+                result.status = Status.DEADLINE
+            if not self._stopped:
+                self.vcpu.immediate_exit = False  # this kick is consumed
+        return result
+
+    def _run(self, predicate, deadline, max_exits) -> RunResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _make_stats(exits_: List[int], c_handled: List[int], run_ns: List[int], handle_ns: List[int]) -> RunStats:
+        e, c, p, r, h = Counter(), Counter(), Counter(), Counter(), Counter()
+        for slot in range(NREASONS):
+            if exits_[slot]:
+                name = _slot_name(slot)
+                e[name] += exits_[slot]
+                c[name] += c_handled[slot]
+                p[name] += exits_[slot] - c_handled[slot]
+                r[name] += run_ns[slot]
+                h[name] += handle_ns[slot]
+        return RunStats(e, c, p, r, h)
+
+
+class PyRunLoop(_Loop):
+    """The pure-Python loop: ``Vcpu.run()`` and the Python path for every exit."""
+
+    def __init__(self, desc: RunLoop, vcpu: Vcpu):
+        super().__init__(desc, vcpu)
+        self._exits = [0] * NREASONS
+        self._run_ns = [0] * NREASONS
+        self._handle_ns = [0] * NREASONS
+
+    def _run(self, predicate, deadline, max_exits) -> RunResult:
+        left = max_exits
+        vcpu, desc = self.vcpu, self.desc
+        now = time.monotonic_ns
+        while True:
+            if self._stopped:
+                return RunResult(Status.STOPPED)
+            t0 = now()
+            try:
+                ex = vcpu.run()
+            except OSError as exc:
+                return RunResult(Status.ERROR, error=exc)
+            t1 = now()
+            slot = min(ex.reason, NREASONS - 1)
+            self._exits[slot] += 1
+            self._run_ns[slot] += t1 - t0
+            if ex.reason == lib.KVM_EXIT_INTR:
+                return RunResult(Status.INTERRUPTED, ex)
+            stop = desc.dispatch(ex)
+            self._handle_ns[slot] += now() - t1
+            if stop:
+                return RunResult(Status.EXIT, ex)
+            if left is not None:
+                left -= 1
+                if left <= 0:
+                    return RunResult(Status.MAX_EXITS, ex)
+            if predicate is not None and predicate():
+                return RunResult(Status.PREDICATE, ex)
+            if deadline is not None and t1 >= deadline:
+                return RunResult(Status.DEADLINE, ex)
+
+    @property
+    def stats(self) -> RunStats:
+        return self._make_stats(self._exits, [0] * NREASONS, self._run_ns, self._handle_ns)
+
+
+class CRunLoop(_Loop):
+    """The C loop (csrc/runloop.c) with the Python path for the exits it returns."""
+
+    FLUSH_INTERVAL = 0.02  # seconds between drains of the UART ring while the guest runs
+
+    def __init__(self, desc: RunLoop, vcpu: Vcpu):
+        super().__init__(desc, vcpu)
+        rl = ffi.new("struct pykvm_runloop *")
+        rl.vcpu_fd = vcpu.fileno()
+        rl.run = vcpu.kvm_run
+        rl.run_size = vcpu.vm.kvm.vcpu_mmap_size
+        rl.exits_left = ALL_ONES
+        rl.last_reason = -1
+        ranges = desc.constant_ranges()
+        if len(ranges) > lib.PYKVM_RL_MAX_RANGES:
+            raise ValueError(f"{len(ranges)} constant ranges; the C loop holds {lib.PYKVM_RL_MAX_RANGES}: "
+                             "merge adjacent ones or use fewer")
+        for i, (space, r) in enumerate(ranges):
+            c = rl.ranges[i]
+            c.base, c.length, c.value, c.space = r.base, r.length, r.device.value, space
+        rl.nranges = len(ranges)
+        self._ranges = [r for _, r in ranges]
+        self._rl = rl
+        self._drain_lock = threading.Lock()
+        self._drain_buf = ffi.new("uint8_t[]", lib.PYKVM_RL_UART_RING)
+        rl.uart_base = -1
+        self._uart = desc.fast_uart()
+        if self._uart is not None:
+            base, model = self._uart
+            rl.uart_flush_on_newline = int(desc.uart_flush_on_newline)
+            model.fast_path_listener = self._sync_uart
+            self._sync_uart()
+            rl.uart_base = base
+
+    @property
+    def uart_fast_path(self) -> bool:
+        """Whether the C loop has a UART transmit fast path (the model supports it)."""
+        return self._uart is not None
+
+    def _set_stop_flag(self) -> None:
+        self._rl.stop = 1
+
+    def _sync_uart(self) -> None:
+        """The model's state changed: publish what C may still do on its own."""
+        tx_ok, lsr = self._uart[1].fast_path_state()
+        self._rl.uart_tx_ok = int(bool(tx_ok))
+        self._rl.uart_lsr = lsr
+
+    def drain_uart(self) -> None:
+        """Hand bytes the guest transmitted through C to the UART model's output. Any thread."""
+        if self._uart is None:
+            return
+        with self._drain_lock:
+            while True:
+                n = lib.pykvm_runloop_uart_drain(self._rl, self._drain_buf, lib.PYKVM_RL_UART_RING)
+                if not n:
+                    return
+                self._uart[1].emit(bytes(ffi.buffer(self._drain_buf, n)))
+
+    def _flusher(self, done: threading.Event) -> None:
+        while not done.wait(self.FLUSH_INTERVAL):
+            self.drain_uart()
+
+    def _collect_counters(self) -> None:
+        rl = self._rl
+        for i, r in enumerate(self._ranges):
+            c = rl.ranges[i]
+            r.device.reads += c.reads
+            r.device.writes += c.writes
+            c.reads = c.writes = 0
+
+    def _run(self, predicate, deadline, max_exits) -> RunResult:
+        rl, vcpu, desc = self._rl, self.vcpu, self.desc
+        rl.exits_left = ALL_ONES if max_exits is None else max(max_exits, 1)
+        rl.deadline_ns = deadline or 0
+        done = threading.Event()
+        flusher = None
+        if self._uart is not None:
+            flusher = threading.Thread(target=self._flusher, args=(done,), daemon=True, name="pykvm-uart-drain")
+            flusher.start()
+        vcpu._thread = threading.get_ident()  # Vcpu.kick() signals this thread
+        try:
+            return self._loop(rl, vcpu, desc, predicate)
+        finally:
+            vcpu._thread = None
+            rl.last_reason = -1
+            done.set()
+            if flusher is not None:
+                flusher.join()
+            self.drain_uart()
+            self._collect_counters()
+
+    def _loop(self, rl, vcpu: Vcpu, desc: RunLoop, predicate) -> RunResult:
+        while True:
+            status = lib.pykvm_runloop_run(rl)
+            if status == lib.PYKVM_RL_EXIT:
+                ex = exits.decode(vcpu._run_c, vcpu._page)
+                self.drain_uart()  # bytes C queued come out before anything this exit sends
+                if desc.dispatch(ex):
+                    return RunResult(Status.EXIT, ex)
+                if rl.exits_left == 0:
+                    return RunResult(Status.MAX_EXITS, ex)
+                if rl.deadline_ns and time.monotonic_ns() >= rl.deadline_ns:
+                    return RunResult(Status.DEADLINE, ex)
+            elif status == lib.PYKVM_RL_UART_FLUSH:
+                self.drain_uart()
+                if rl.exits_left == 0:
+                    return RunResult(Status.MAX_EXITS)
+            elif status == lib.PYKVM_RL_INTERRUPTED:
+                return RunResult(Status.INTERRUPTED, exits.InterruptedExit(lib.KVM_EXIT_INTR))
+            elif status == lib.PYKVM_RL_STOPPED:
+                return RunResult(Status.STOPPED)
+            elif status == lib.PYKVM_RL_BUDGET:
+                return RunResult(Status.MAX_EXITS)
+            elif status == lib.PYKVM_RL_DEADLINE:
+                return RunResult(Status.DEADLINE)
+            else:
+                return RunResult(Status.ERROR, error=ioctl_error(KvmError, rl.last_errno, "KVM_RUN"))
+            if predicate is not None and predicate():
+                return RunResult(Status.PREDICATE)
+
+    @property
+    def stats(self) -> RunStats:
+        rl = self._rl
+        return self._make_stats(list(rl.exits), list(rl.c_handled), list(rl.run_ns), list(rl.handle_ns))
