@@ -22,11 +22,12 @@ PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
 # Capabilities the VMM uses to boot Linux with a passed-through device: guest RAM,
 # in-kernel APIC/IOAPIC/PIT, device interrupts injected by eventfd (irqfd) with MSI
-# routing, doorbells by eventfd (ioeventfd), and the KVM-VFIO pseudo-device.
+# routing, doorbells by eventfd (ioeventfd).  (x86 does not report KVM_CAP_DEVICE_CTRL
+# although KVM_CREATE_DEVICE works there, so the KVM-VFIO device is not asked for.)
 KVM_CAPS = (
     "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_EXT_CPUID", "KVM_CAP_IRQCHIP",
     "KVM_CAP_PIT2", "KVM_CAP_IRQ_ROUTING", "KVM_CAP_IRQFD", "KVM_CAP_IOEVENTFD",
-    "KVM_CAP_SIGNAL_MSI", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_DEVICE_CTRL",
+    "KVM_CAP_SIGNAL_MSI", "KVM_CAP_IMMEDIATE_EXIT",
 )
 # (module, its Kconfig symbol): what vfio-pci needs, and how each is built.
 VFIO_MODULES = (

@@ -1,0 +1,118 @@
+"""``pykvm host`` against a real kernel with a real IOMMU and VFIO (inside L1 of the lab).
+
+L1 is q35 with an emulated Intel IOMMU (interrupt remapping on), Debian's kernel with
+vfio_pci and vfio_iommu_type1 loaded, edu at 0000:00:04.0 (no driver) and an NVMe at
+0000:00:05.0 on ``nvme``.  The checkout and /run are read-only there, so the bind state
+goes to a tmp directory.  The NVMe is always given back to ``nvme`` for the tests after.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pykvm.lab import EDU_BDF, EDU_ID, NVME_BDF, NVME_ID
+
+pytestmark = pytest.mark.lab
+
+PCI = Path("/sys/bus/pci/devices")
+
+
+def host(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "pykvm", "host", *args], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def driver(bdf: str) -> str | None:
+    link = PCI / bdf / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def wait_for(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_check_passes_the_iommu_and_vfio_items():
+    proc = host("check", "--json")
+    items = {i["name"]: i for i in json.loads(proc.stdout)["items"]}
+    for name in ("cpu virtualization", "/dev/kvm", "KVM capabilities", "IOMMU on the command line",
+                 "IOMMU in kernel log", "IOMMU groups", "interrupt remapping", "module vfio",
+                 "module vfio_iommu_type1", "module vfio_pci", "/dev/vfio/vfio", "pci_acs_override", "locked memory"):
+        assert items[name]["status"] == "PASS", items[name]
+    assert "DMAR" in items["IOMMU in kernel log"]["detail"]
+    assert "IRQ remapping" in items["interrupt remapping"]["detail"]
+    text = host("check")
+    assert "PASS  IOMMU groups" in text.stdout
+
+
+def test_groups_list_edu_and_nvme_with_their_real_drivers():
+    proc = host("groups", "--json")
+    assert proc.returncode == 0
+    by_bdf = {d["bdf"]: (g, d) for g in json.loads(proc.stdout) for d in g["devices"]}
+    edu_group, edu = by_bdf[EDU_BDF]
+    nvme_group, nvme = by_bdf[NVME_BDF]
+    assert (edu["vendor"], edu["device"], edu["driver"]) == (*EDU_ID, None)
+    assert (nvme["vendor"], nvme["device"], nvme["driver"]) == (*NVME_ID, "nvme")
+    assert nvme["class_name"] == "Non-Volatile memory controller"
+    assert edu_group["ready"] is True  # alone in its group, no driver
+    assert nvme_group["ready"] is False  # nvme still drives it
+    assert [d["bdf"] for d in nvme_group["devices"]] == [NVME_BDF]
+    assert f"{NVME_BDF} [0108] Non-Volatile memory controller" in host("groups").stdout
+
+
+def test_show_parses_the_real_config_space():
+    nvme = host("show", NVME_BDF).stdout
+    assert "MSI-X: Enable+" in nvme and "Express" in nvme and "Kernel driver in use: nvme" in nvme
+    assert "Region 0: Memory at" in nvme and "(64-bit, non-prefetchable)" in nvme
+    edu = host("show", EDU_BDF).stdout
+    assert "Capabilities: [" in edu and "MSI:" in edu and "Kernel driver in use: (none)" in edu
+
+
+def test_bind_moves_nvme_to_vfio_and_restore_gives_it_back(tmp_path):
+    assert driver(NVME_BDF) == "nvme" and wait_for(lambda: Path("/dev/nvme0n1").exists())
+    group = os.path.basename(os.readlink(PCI / NVME_BDF / "iommu_group"))
+    state = tmp_path / "state"
+    proc = host("bind", NVME_BDF, "--state-dir", str(state))
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"{NVME_BDF}: nvme -> vfio-pci" in proc.stdout
+        assert driver(NVME_BDF) == "vfio-pci"
+        assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists()), f"/dev/vfio/{group} did not appear"
+        assert json.loads((state / f"{NVME_BDF}.json").read_text())["driver"] == "nvme"
+        assert not Path("/dev/nvme0n1").exists()
+        again = host("bind", NVME_BDF, "--state-dir", str(state))
+        assert again.returncode == 0 and "already on vfio-pci" in again.stdout
+        shown = host("show", NVME_BDF).stdout
+        assert "Kernel driver in use: vfio-pci" in shown and "Driver override: vfio-pci" in shown
+    finally:
+        restored = host("restore", NVME_BDF, "--state-dir", str(state))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert f"{NVME_BDF}: vfio-pci -> nvme" in restored.stdout
+    assert driver(NVME_BDF) == "nvme"
+    assert (PCI / NVME_BDF / "driver_override").read_text().strip() == "(null)"
+    assert wait_for(lambda: Path("/dev/nvme0n1").exists()), "/dev/nvme0n1 did not come back"
+    assert not (state / f"{NVME_BDF}.json").exists()
+
+
+def test_bind_refusals_change_nothing():
+    before = driver(NVME_BDF)
+    for args, message in [((NVME_BDF + "x",), "not a PCI address"), (("0000:00:1f.7",), "no PCI device"),
+                          ((NVME_BDF,), "cannot create the state directory")]:  # /run is read-only in L1
+        proc = host("bind", *args)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert driver(NVME_BDF) == before
+    assert (PCI / NVME_BDF / "driver_override").read_text().strip() == "(null)"
+    proc = host("restore", NVME_BDF, "--state-dir", "/tmp/pykvm-none")
+    assert proc.returncode == 1 and "bound to nvme, not to vfio-pci" in proc.stderr
