@@ -1,0 +1,286 @@
+"""The C run loop and the Python run loop on the real /dev/kvm, with tiny real-mode guests."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pykvm.vmm.bus import Bus
+from pykvm.vmm.devices.serial import COM1_PORT, Serial16550
+from pykvm.vmm.runloop import ALL_ONES, ConstantDevice, CRunLoop, PyRunLoop, RunLoop, Status
+from tests.kvm.guests import HLT, JMP_SELF, real_mode_vcpu
+
+LOOPS = (CRunLoop, PyRunLoop)
+MMIO_SEG = 0x2000           # DS for MMIO accesses: linear 0x20000 + offset, above the 64 KiB of RAM
+RESULTS = 0x8000            # where guests store what their reads returned (ES = 0)
+
+
+# -- a tiny real-mode assembler --------------------------------------------------
+def le(v: int, n: int) -> bytes:
+    return (v & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+
+
+def mov_acc(size: int, v: int) -> bytes:
+    """mov al/ax/eax, imm"""
+    return {1: b"\xB0", 2: b"\xB8", 4: b"\x66\xB8"}[size] + le(v, size)
+
+
+def acc(size: int, op8: int) -> bytes:
+    """The al/ax/eax form of an accumulator opcode (op8 is the byte form)."""
+    return {1: bytes([op8]), 2: bytes([op8 + 1]), 4: bytes([0x66, op8 + 1])}[size]
+
+
+def out_dx(port: int, size: int, v: int) -> bytes:
+    return b"\xBA" + le(port, 2) + mov_acc(size, v) + acc(size, 0xEE)
+
+
+def in_dx(port: int, size: int) -> bytes:
+    return b"\xBA" + le(port, 2) + acc(size, 0xEC)
+
+
+def store_es(size: int, off: int) -> bytes:
+    """mov es:[off], al/ax/eax"""
+    return b"\x26" + acc(size, 0xA2) + le(off, 2)
+
+
+PROLOGUE = b"\x31\xC0\x8E\xC0" + b"\xB8" + le(MMIO_SEG, 2) + b"\x8E\xD8"  # es = 0; ds = MMIO_SEG
+
+
+@dataclass(frozen=True)
+class Access:
+    mmio: bool
+    addr: int  # port, or offset from MMIO_SEG*16
+    size: int
+    write: bool
+    value: int
+
+
+def assemble(accesses: List[Access]) -> bytes:
+    """Each access in turn; each read's result is stored at RESULTS + 4*i; then hlt."""
+    code = bytearray(PROLOGUE)
+    for i, a in enumerate(accesses):
+        if a.mmio:
+            code += mov_acc(a.size, a.value) + acc(a.size, 0xA2) + le(a.addr, 2) if a.write else acc(a.size, 0xA0) + le(a.addr, 2)
+        else:
+            code += out_dx(a.addr, a.size, a.value) if a.write else in_dx(a.addr, a.size)
+        if not a.write:
+            code += store_es(a.size, RESULTS + 4 * i)
+    return bytes(code + HLT)
+
+
+# -- machines --------------------------------------------------------------------
+class Scratch:
+    """A Python-only device: remembers writes, reads them back."""
+
+    def __init__(self, size: int):
+        self.mem = bytearray(size)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.mem[offset:offset + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.mem[offset:offset + len(data)] = data
+
+
+class Machine:
+    """Buses with an ignored port, a PIO counter range, an MMIO counter range,
+    Python-only devices on both buses and a UART at COM1."""
+
+    def __init__(self):
+        self.console = bytearray()
+        self.pio, self.mmio = Bus("pio", 1 << 16), Bus("mmio", 1 << 64)
+        self.post = ConstantDevice()                # 0x80, ignored
+        self.pio_counter = ConstantDevice(0x1234_5678)
+        self.mmio_counter = ConstantDevice(0xCAFE_F00D_DEAD_BEEF)
+        self.pio_scratch, self.mmio_scratch = Scratch(16), Scratch(0x100)
+        self.uart = Serial16550(self.console.extend)
+        self.pio.register(0x80, 1, self.post, "post")
+        self.pio.register(0x10, 0x10, self.pio_counter, "counter")
+        self.pio.register(0x300, 16, self.pio_scratch, "scratch")
+        self.pio.register(COM1_PORT, 8, self.uart, "com1")
+        self.mmio.register(MMIO_SEG * 16 + 0x100, 0x100, self.mmio_counter, "mmio-counter")
+        self.mmio.register(MMIO_SEG * 16 + 0x1000, 0x100, self.mmio_scratch, "mmio-scratch")
+
+    def observable(self) -> Tuple:
+        return (bytes(self.console), self.post.reads, self.post.writes, self.pio_counter.reads,
+                self.pio_counter.writes, self.mmio_counter.reads, self.mmio_counter.writes,
+                bytes(self.pio_scratch.mem), bytes(self.mmio_scratch.mem), self.pio.unclaimed, self.mmio.unclaimed)
+
+
+def run_guest(vm, loop_cls, code: bytes, timeout: float = 10.0):
+    m = Machine()
+    cpu, mem = real_mode_vcpu(vm, code)
+    loop = loop_cls(RunLoop(m.pio, m.mmio), cpu)
+    result = loop.run_until(timeout=timeout)
+    return m, loop, result, mem
+
+
+def fresh_run(kvm, loop_cls, code: bytes):
+    with kvm.create_vm() as vm:
+        m, loop, result, mem = run_guest(vm, loop_cls, code)
+        return m, loop.stats, result, mem.read(RESULTS, 0x1000)
+
+
+def uart_hello(lsr_poll: bool) -> bytes:
+    code = bytearray()
+    for ch in b"hello\n":
+        if lsr_poll:
+            code += in_dx(COM1_PORT + 5, 1)  # Linux polls LSR.THRE before each byte
+        code += out_dx(COM1_PORT, 1, ch)
+    return bytes(code + HLT)
+
+
+# -- tests -----------------------------------------------------------------------
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_uart_output_reaches_console(vm, loop_cls):
+    m, loop, result, _ = run_guest(vm, loop_cls, uart_hello(lsr_poll=True))
+    assert result.status is Status.EXIT and result.exit.name == "HLT"
+    assert bytes(m.console) == b"hello\n"
+    assert loop.stats.exits["IO"] == 12
+
+
+def test_uart_fast_path_answers_thr_and_lsr_in_c(vm):
+    m, loop, result, _ = run_guest(vm, CRunLoop, uart_hello(lsr_poll=True))
+    assert loop.uart_fast_path, "Serial16550 lacks fast_path_state/emit (see NOTES-runloop.md)"
+    assert bytes(m.console) == b"hello\n"
+    assert loop.stats.c_handled["IO"] == 12 and loop.stats.python_handled["IO"] == 0
+
+
+def test_uart_bytes_without_newline_reach_console_while_guest_runs(vm):
+    """A prompt with no newline, then a guest that stays in KVM_RUN: the drain thread delivers it."""
+    m = Machine()
+    cpu, _ = real_mode_vcpu(vm, out_dx(COM1_PORT, 1, ord("$")) + out_dx(COM1_PORT, 1, ord(" ")) + JMP_SELF)
+    loop = CRunLoop(RunLoop(m.pio, m.mmio), cpu)
+    assert loop.uart_fast_path, "Serial16550 lacks fast_path_state/emit (see NOTES-runloop.md)"
+    runner = threading.Thread(target=loop.run_until, kwargs={"timeout": 10})
+    runner.start()
+    t0 = time.monotonic()
+    while bytes(m.console) != b"$ " and time.monotonic() - t0 < 5:
+        time.sleep(0.01)
+    loop.stop()
+    runner.join(10)
+    assert bytes(m.console) == b"$ " and not runner.is_alive()
+    assert loop.stats.c_handled["IO"] == 2
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_uart_with_thre_interrupt_enabled_takes_python_path(vm, loop_cls):
+    """IER.THRE on: a THR write changes interrupt state, so only the model may handle it."""
+    code = out_dx(COM1_PORT + 1, 1, 0x02) + uart_hello(lsr_poll=False)
+    m, loop, result, _ = run_guest(vm, loop_cls, code)
+    assert bytes(m.console) == b"hello\n"
+    assert loop.stats.python_handled["IO"] == 7
+
+
+def test_ignored_and_counter_ports_never_reach_python(vm):
+    code = PROLOGUE + out_dx(0x80, 1, 0x42) * 5 + in_dx(0x80, 1) + store_es(1, RESULTS) \
+        + in_dx(0x14, 4) + store_es(4, RESULTS + 4) + out_dx(0x1c, 2, 7) + HLT
+    m, loop, result, mem = run_guest(vm, CRunLoop, code)
+    assert result.status is Status.EXIT and result.exit.name == "HLT"
+    assert loop.stats.c_handled["IO"] == 8 and loop.stats.python_handled["IO"] == 0
+    assert (m.post.writes, m.post.reads, m.pio_counter.reads, m.pio_counter.writes) == (5, 1, 1, 1)
+    assert mem.read(RESULTS, 1) == b"\xff" and mem.read_u32(RESULTS + 4) == 0x1234_5678
+
+
+def test_c_and_python_loops_agree(kvm):
+    accesses = [Access(False, 0x80, 1, True, 1), Access(False, 0x10, 2, False, 0),
+                Access(False, 0x302, 2, True, 0xBEEF), Access(False, 0x302, 2, False, 0),
+                Access(True, 0x108, 4, False, 0), Access(True, 0x1010, 4, True, 0x11223344),
+                Access(True, 0x1010, 2, False, 0), Access(False, COM1_PORT, 1, True, ord("x")),
+                Access(False, 0x9999, 4, False, 0), Access(True, 0x8000, 8 // 2, False, 0)]
+    code = assemble(accesses)
+    runs = [fresh_run(kvm, cls, code) for cls in LOOPS]
+    (mc, sc, rc, memc), (mp, sp, rp, memp) = runs
+    assert rc.status is rp.status is Status.EXIT and rc.exit == rp.exit
+    assert sc.exits == sp.exits
+    assert mc.observable() == mp.observable()
+    assert memc == memp
+    assert memp[4:6] == le(0x1234_5678, 2) and memp[4 * 4:4 * 4 + 4] == le(0xDEAD_BEEF, 4)
+    assert memp[4 * 6:4 * 6 + 2] == le(0x3344, 2)
+    assert sc.c_handled["IO"] + sc.c_handled["MMIO"] >= 3  # 0x80, 0x10, MMIO 0x108 (+ UART when fast) and sum(sp.c_handled.values()) == 0
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_unclaimed_port_and_unmapped_mmio_read_all_ones(vm, loop_cls):
+    accesses = [Access(False, 0x9999, 4, False, 0), Access(True, 0x4000, 2, False, 0),
+                Access(False, 0x9999, 1, True, 5), Access(True, 0x4000, 1, True, 5)]
+    m, loop, result, mem = run_guest(vm, loop_cls, assemble(accesses))
+    assert result.status is Status.EXIT and result.exit.name == "HLT"
+    assert mem.read_u32(RESULTS) == 0xFFFF_FFFF and mem.read_u16(RESULTS + 4) == 0xFFFF
+    assert (m.pio.unclaimed, m.mmio.unclaimed) == (2, 2)
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_kick_from_another_thread_stops_a_spinning_guest(vm, loop_cls):
+    cpu, _ = real_mode_vcpu(vm, JMP_SELF)
+    loop = loop_cls(RunLoop(Bus("pio", 1 << 16), Bus("mmio", 1 << 64)), cpu)
+    threading.Timer(0.2, loop.kick).start()
+    t0 = time.monotonic()
+    result = loop.run_until(timeout=10)
+    assert result.status is Status.INTERRUPTED and time.monotonic() - t0 < 5
+    assert not cpu.immediate_exit  # the kick is consumed: the next run enters the guest
+    assert loop.run_until(timeout=0.2).status is Status.DEADLINE
+    threading.Timer(0.1, loop.stop).start()
+    assert loop.run_until(timeout=10).status is Status.STOPPED
+    assert loop.run_until(timeout=10).status is Status.STOPPED
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_exit_budget_bounds_a_run(vm, loop_cls):
+    code = b"\xE6\x80\xEB\xFC"  # l: out 0x80, al ; jmp l
+    cpu, _ = real_mode_vcpu(vm, code)
+    pio = Bus("pio", 1 << 16)
+    post = ConstantDevice()
+    pio.register(0x80, 1, post)
+    loop = loop_cls(RunLoop(pio, Bus("mmio", 1 << 64)), cpu)
+    assert loop.run_until(max_exits=100, timeout=10).status is Status.MAX_EXITS
+    assert post.writes == 100 and loop.stats.exits["IO"] == 100
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_failing_handler_stops_the_loop_without_raising(vm, loop_cls):
+    cpu, _ = real_mode_vcpu(vm, HLT)
+
+    def broken(ex):
+        raise RuntimeError("handler bug")
+
+    desc = RunLoop(Bus("pio", 1 << 16), Bus("mmio", 1 << 64), handlers={5: broken})
+    result = loop_cls(desc, cpu).run_until(timeout=10)
+    assert result.status is Status.EXIT and result.exit.name == "HLT"
+
+
+def test_constant_device_reads_low_bytes_of_value():
+    d = ConstantDevice(0x1122_3344_5566_7788)
+    assert d.read(0, 2) == b"\x88\x77" and ConstantDevice().read(0, 4) == le(ALL_ONES, 4)
+    d.write(0, b"\x01")
+    assert (d.reads, d.writes) == (1, 1)
+
+
+# -- hypothesis: random port and MMIO accesses -------------------------------------
+SIZES = st.sampled_from([1, 2, 4])
+PORTS = st.one_of(st.sampled_from([0x80, 0x10, 0x1c, 0x300, 0x30c, COM1_PORT, COM1_PORT + 5, COM1_PORT + 3]),
+                  st.integers(0, 0xFFFC))
+MMIO_OFFSETS = st.one_of(st.sampled_from([0x100, 0x1f8, 0x1000, 0x10f8, 0x40]), st.integers(0, 0x7FF8))
+
+
+@st.composite
+def accesses(draw) -> Access:
+    mmio = draw(st.booleans())
+    size = draw(SIZES)
+    addr = draw(MMIO_OFFSETS if mmio else PORTS)
+    return Access(mmio, addr - addr % size, size, draw(st.booleans()), draw(st.integers(0, ALL_ONES)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # one Kvm for all
+@given(st.lists(accesses(), min_size=1, max_size=24))
+def test_random_accesses_both_loops_survive_and_agree(kvm, program):
+    code = assemble(program)
+    (mc, sc, rc, memc), (mp, sp, rp, memp) = [fresh_run(kvm, cls, code) for cls in LOOPS]
+    assert rc.status is rp.status is Status.EXIT and rc.exit.name == rp.exit.name == "HLT"
+    assert sc.exits == sp.exits
+    assert mc.observable() == mp.observable()
+    assert memc == memp
