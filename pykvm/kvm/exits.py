@@ -79,6 +79,8 @@ class IoExit(Exit):
     @value.setter
     def value(self, v: int) -> None:
         """Answer an IN: the value the guest's register will receive."""
+        if len(self.data) < self.size:
+            return
         self.data[: self.size] = (v & ((1 << (8 * self.size)) - 1)).to_bytes(self.size, "little")
 
 
@@ -253,7 +255,8 @@ def decode(run: Any, page: Any) -> Exit:
         io = run.io
         n = io.size * io.count
         off = io.data_offset
-        data = page[off:off + n] if 0 < n and off + n <= len(page) else bytearray(n)
+        # a data area outside the kvm_run mapping (never sent by a sane kernel) decodes as empty
+        data = page[off:off + n] if 0 < n and off + n <= len(page) else bytearray(0)
         return IoExit(reason, io.port, io.size, io.count, io.direction, data)
     if reason == lib.KVM_EXIT_MMIO:
         m = run.mmio

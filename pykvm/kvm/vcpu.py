@@ -78,7 +78,7 @@ class Vcpu(FdObject):
             self.close()
             raise
         self._run_c = ffi.from_buffer("struct kvm_run *", self._mm)
-        self._page = ffi.buffer(self._run_c, size)
+        self._page = memoryview(ffi.buffer(self._run_c, size))
         self._thread: Optional[int] = None
 
     # -- the kvm_run page -------------------------------------------------
@@ -273,6 +273,7 @@ class Vcpu(FdObject):
     def _release(self) -> None:
         run_c = getattr(self, "_run_c", None)
         if run_c is not None:
+            self._page.release()
             ffi.release(run_c)
             self._run_c = None
             self._page = None
