@@ -24,9 +24,7 @@ TSS_ADDR = 0xFFFBD000  # 3 pages Intel VMX needs to emulate real mode; harmless 
 
 CR0_PE = 1 << 0  # protection enable
 CR0_ET = 1 << 4  # extension type (always 1 on modern CPUs)
-CR0_WP = 1 << 16  # honour read-only pages in ring 0 too
 CR0_PG = 1 << 31  # paging
-CR4_PSE = 1 << 4  # 4 MiB pages in 32-bit paging
 CR4_PAE = 1 << 5  # 64-bit page-table entries (required for long mode)
 EFER_LME = 1 << 8  # long mode enable
 EFER_LMA = 1 << 10  # long mode active (KVM wants it set together with CR0.PG)
@@ -137,11 +135,6 @@ def gdt(*segments: Segment) -> bytes:
     for s in segments:
         table[s.selector & ~7:(s.selector & ~7) + 8] = s.descriptor()
     return bytes(table)
-
-
-def idt_gate32(selector: int, offset: int) -> bytes:
-    """A 32-bit interrupt gate: jump to selector:offset with IF cleared."""
-    return struct.pack("<HHBBH", offset & 0xFFFF, selector, 0, 0x8E, offset >> 16)  # P=1 DPL=0 type=0xE
 
 
 def enter_flat_mode(guest: Guest, gdt_gpa: int, ip: int, cr0: int = CR0_PE | CR0_ET, cr3: int = 0,
