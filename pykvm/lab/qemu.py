@@ -9,6 +9,7 @@ out, so the device list is exactly what we add.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import signal
 import subprocess
@@ -62,6 +63,12 @@ def qemu_argv(
     ]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when its parent dies (PR_SET_PDEATHSIG), so a
+    killed Python (SIGTERM, SIGKILL) never leaves a QEMU behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
 class QemuProcess:
     """QEMU with its console read line by line on a thread; killed by :meth:`kill`.
 
@@ -73,7 +80,7 @@ class QemuProcess:
         self.stderr_tail: Deque[str] = collections.deque(maxlen=50)
         self._proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         self._readers = [
             threading.Thread(target=self._pump, args=(self._proc.stdout, on_line), daemon=True),
