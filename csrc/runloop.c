@@ -5,12 +5,25 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
+#include <x86intrin.h>
 
-uint64_t pykvm_monotonic_ns(void)
+/* The deadline check runs after every exit: the coarse clock (a few ns, tick
+ * resolution) is enough, and Python's timer kicks a guest that never exits. */
+uint64_t pykvm_coarse_ns(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t pykvm_ticks(void)
+{
+    return __rdtsc();
+}
+
+static inline uint64_t since(uint64_t t0, uint64_t t1)
+{
+    return t1 > t0 ? t1 - t0 : 0; /* guard against a TSC that steps back across CPUs */
 }
 
 static struct pykvm_rl_range *find_range(struct pykvm_runloop *rl, uint32_t space,
@@ -111,12 +124,12 @@ int pykvm_runloop_run(struct pykvm_runloop *rl)
     for (;;) {
         if (__atomic_load_n(&rl->stop, __ATOMIC_ACQUIRE))
             return PYKVM_RL_STOPPED;
-        uint64_t t0 = pykvm_monotonic_ns();
+        uint64_t t0 = __rdtsc();
         if (rl->last_reason >= 0)
-            rl->handle_ns[rl->last_reason] += t0 - rl->last_exit_ns;
+            rl->handle_ticks[rl->last_reason] += since(rl->last_exit_ticks, t0);
         int ret = ioctl(rl->vcpu_fd, KVM_RUN, 0);
         int err = errno;
-        uint64_t t1 = pykvm_monotonic_ns();
+        uint64_t t1 = __rdtsc();
         uint32_t reason = ret < 0 ? (err == EINTR ? KVM_EXIT_INTR : UINT32_MAX) : run->exit_reason;
         if (reason == UINT32_MAX) {
             rl->last_errno = err;
@@ -125,9 +138,9 @@ int pykvm_runloop_run(struct pykvm_runloop *rl)
         }
         uint32_t slot = reason < PYKVM_RL_NREASONS ? reason : PYKVM_RL_NREASONS - 1;
         rl->exits[slot]++;
-        rl->run_ns[slot] += t1 - t0;
+        rl->run_ticks[slot] += since(t0, t1);
         rl->last_reason = (int32_t)slot;
-        rl->last_exit_ns = t1;
+        rl->last_exit_ticks = t1;
         if (rl->exits_left != UINT64_MAX && rl->exits_left > 0)
             rl->exits_left--;
         if (ret < 0)
@@ -145,7 +158,7 @@ int pykvm_runloop_run(struct pykvm_runloop *rl)
             return PYKVM_RL_UART_FLUSH;
         if (rl->exits_left == 0)
             return PYKVM_RL_BUDGET;
-        if (rl->deadline_ns && t1 >= rl->deadline_ns)
+        if (rl->deadline_ns && pykvm_coarse_ns() >= rl->deadline_ns)
             return PYKVM_RL_DEADLINE;
     }
 }

@@ -20,7 +20,7 @@
 #define PYKVM_RL_INTERRUPTED 1  /* KVM_RUN returned EINTR (a kick or another signal) */
 #define PYKVM_RL_STOPPED 2      /* the stop flag was set before entering the guest */
 #define PYKVM_RL_BUDGET 3       /* exits_left reached 0 (last exit handled in C) */
-#define PYKVM_RL_DEADLINE 4     /* CLOCK_MONOTONIC passed deadline_ns after a C-handled exit */
+#define PYKVM_RL_DEADLINE 4     /* CLOCK_MONOTONIC_COARSE passed deadline_ns after a C-handled exit */
 #define PYKVM_RL_UART_FLUSH 5   /* the UART ring is half full or got a newline: drain it */
 #define PYKVM_RL_ERROR 6        /* KVM_RUN failed; errno in last_errno */
 
@@ -46,7 +46,7 @@ struct pykvm_runloop {
     /* control, written by Python (any thread), read here */
     int32_t stop;
     uint64_t exits_left;        /* UINT64_MAX: no budget */
-    uint64_t deadline_ns;       /* CLOCK_MONOTONIC; 0: none */
+    uint64_t deadline_ns;       /* CLOCK_MONOTONIC_COARSE; 0: none */
     int32_t last_errno;
 
     uint32_t nranges;
@@ -62,17 +62,19 @@ struct pykvm_runloop {
     uint64_t uart_tx_bytes;
     uint8_t uart_ring[PYKVM_RL_UART_RING];
 
-    /* statistics, by exit reason slot */
+    /* statistics, by exit reason slot; times in TSC ticks (rdtsc costs a
+     * fraction of clock_gettime; Python converts with a measured rate) */
     int32_t last_reason;        /* slot of the exit being handled, -1: none */
-    uint64_t last_exit_ns;
+    uint64_t last_exit_ticks;
     uint64_t exits[PYKVM_RL_NREASONS];
     uint64_t c_handled[PYKVM_RL_NREASONS];
-    uint64_t run_ns[PYKVM_RL_NREASONS];     /* inside KVM_RUN, by the reason it ended with */
-    uint64_t handle_ns[PYKVM_RL_NREASONS];  /* in userspace between that exit and the next entry */
+    uint64_t run_ticks[PYKVM_RL_NREASONS];     /* inside KVM_RUN, by the reason it ended with */
+    uint64_t handle_ticks[PYKVM_RL_NREASONS];  /* in userspace between that exit and the next entry */
 };
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_runloop_uart_drain(struct pykvm_runloop *rl, uint8_t *out, uint32_t cap);
-uint64_t pykvm_monotonic_ns(void);
+uint64_t pykvm_coarse_ns(void);
+uint64_t pykvm_ticks(void);
 
 #endif

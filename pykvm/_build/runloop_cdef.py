@@ -40,17 +40,18 @@ struct pykvm_runloop {
     uint32_t uart_tail;
     uint64_t uart_tx_bytes;
     int32_t last_reason;
-    uint64_t last_exit_ns;
+    uint64_t last_exit_ticks;
     uint64_t exits[...];
     uint64_t c_handled[...];
-    uint64_t run_ns[...];
-    uint64_t handle_ns[...];
+    uint64_t run_ticks[...];
+    uint64_t handle_ticks[...];
     ...;
 };
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_runloop_uart_drain(struct pykvm_runloop *rl, uint8_t *out, uint32_t cap);
-uint64_t pykvm_monotonic_ns(void);
+uint64_t pykvm_coarse_ns(void);
+uint64_t pykvm_ticks(void);
 """
 
 SOURCE = '#include "runloop.h"'

@@ -171,6 +171,19 @@ class RunStats:
         return "\n".join(lines)
 
 
+_TICKS0 = (lib.pykvm_ticks(), time.monotonic_ns())
+
+
+def ns_per_tick() -> float:
+    """The TSC rate the C loop's times are in, measured against CLOCK_MONOTONIC
+    since import (waiting until 10 ms have passed, for precision)."""
+    while True:
+        t1, n1 = lib.pykvm_ticks(), time.monotonic_ns()
+        if n1 - _TICKS0[1] >= 10_000_000 and t1 > _TICKS0[0]:
+            return (n1 - _TICKS0[1]) / (t1 - _TICKS0[0])
+        time.sleep(0.01)
+
+
 def _slot_name(slot: int) -> str:
     return exits.reason_name(slot) if slot < NREASONS - 1 else "OTHER"
 
@@ -226,7 +239,7 @@ class _Loop:
         raise NotImplementedError
 
     @staticmethod
-    def _make_stats(exits_: List[int], c_handled: List[int], run_ns: List[int], handle_ns: List[int]) -> RunStats:
+    def _make_stats(exits_: List[int], c_handled: List[int], run_ns: List[float], handle_ns: List[float]) -> RunStats:
         e, c, p, r, h = Counter(), Counter(), Counter(), Counter(), Counter()
         for slot in range(NREASONS):
             if exits_[slot]:
@@ -234,8 +247,8 @@ class _Loop:
                 e[name] += exits_[slot]
                 c[name] += c_handled[slot]
                 p[name] += exits_[slot] - c_handled[slot]
-                r[name] += run_ns[slot]
-                h[name] += handle_ns[slot]
+                r[name] += int(run_ns[slot])
+                h[name] += int(handle_ns[slot])
         return RunStats(e, c, p, r, h)
 
 
@@ -358,7 +371,7 @@ class CRunLoop(_Loop):
     def _run(self, predicate, deadline, max_exits) -> RunResult:
         rl, vcpu, desc = self._rl, self.vcpu, self.desc
         rl.exits_left = ALL_ONES if max_exits is None else max(max_exits, 1)
-        rl.deadline_ns = deadline or 0
+        rl.deadline_ns = deadline or 0  # C compares the coarse clock: at most a tick late
         done = threading.Event()
         flusher = None
         if self._uart is not None:
@@ -407,5 +420,6 @@ class CRunLoop(_Loop):
 
     @property
     def stats(self) -> RunStats:
-        rl = self._rl
-        return self._make_stats(list(rl.exits), list(rl.c_handled), list(rl.run_ns), list(rl.handle_ns))
+        rl, k = self._rl, ns_per_tick()
+        return self._make_stats(list(rl.exits), list(rl.c_handled), [t * k for t in rl.run_ticks],
+                                [t * k for t in rl.handle_ticks])

@@ -1,0 +1,75 @@
+"""Small helpers every bench shares: build a C baseline, time things, report.
+
+Each bench prints its baseline, its results and the ratios, and with
+``--json PATH`` writes them as JSON too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return p
+
+
+def compile_c(source: str, workdir: str) -> str:
+    """Compile ``source`` (a path under bench/) with cc -O2 into ``workdir``; returns the binary."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("bench: no C compiler found: install gcc (apt-get install gcc)")
+    out = os.path.join(workdir, os.path.splitext(os.path.basename(source))[0])
+    subprocess.run([cc, "-O2", "-Wall", "-o", out, os.path.join(ROOT, "bench", source)], check=True)
+    return out
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="pykvm-bench-")
+
+
+def run_c(binary: str, *args: object) -> str:
+    """Run a compiled baseline; returns its stdout stripped."""
+    return subprocess.run([binary, *map(str, args)], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def time_ns(fn: Callable[[], object]) -> int:
+    t0 = time.perf_counter_ns()
+    fn()
+    return time.perf_counter_ns() - t0
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+def report(title: str, baseline_name: str, results: Dict[str, float], unit: str,
+           targets: Dict[str, float], extra: Optional[dict] = None, json_path: Optional[str] = None) -> dict:
+    """Print each result, its ratio to the baseline and whether its target (max ratio) is met."""
+    base = results[baseline_name]
+    print(title)
+    out = {"title": title, "unit": unit, "baseline": baseline_name, "results": {}, **(extra or {})}
+    for name, value in results.items():
+        ratio = value / base
+        target = targets.get(name)
+        verdict = "" if target is None else f"  target <= {target:.2f}x: {'met' if ratio <= target else 'NOT met'}"
+        print(f"  {name:<28}{value:>10.2f} {unit}  {ratio:>6.3f}x{verdict}")
+        out["results"][name] = {"value": value, "ratio": ratio, "target": target,
+                                "met": None if target is None else ratio <= target}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
