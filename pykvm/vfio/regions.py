@@ -232,7 +232,9 @@ class Region:
             raise ValueError(f"mmap offset {offset:#x} is not page aligned")
         mm = mmap.mmap(self.device.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                        offset=self.info.offset + offset)
-        return Mmio(mm, offset)
+        mmio = Mmio(mm, offset)
+        self.device._mmaps.add(mmio)
+        return mmio
 
     def mmap_areas(self) -> List[Mmio]:
         """Map every mmap area of the region (one per sparse area, or the whole region)."""

@@ -1,0 +1,286 @@
+"""The VFIO container (/dev/vfio/vfio): one IOMMU context shared by its groups.
+
+Groups join a container, then ``set_iommu`` picks the IOMMU backend (type1v2 on
+x86). ``map_dma`` pins host pages and maps them at an IOVA for every device
+of the container's groups. When the last group leaves, the kernel releases the
+IOMMU and unpins every mapping; the container mirrors that in its records.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from pykvm._fdobject import FdObject
+from pykvm._native import ffi, lib
+from pykvm.errors import VfioError
+from pykvm.vfio.caps import query_info, read_array, read_struct, walk_chain
+from pykvm.vfio.errors import VfioUnavailableError, vfio_error
+from pykvm.vfio.iova import Range, format_ranges, in_ranges, merge_ranges
+
+if TYPE_CHECKING:
+    from pykvm.vfio.group import Group
+
+__all__ = ["Container", "DmaMapping", "IommuInfo", "Migration", "parse_iommu_caps", "CONTAINER_PATH"]
+
+CONTAINER_PATH = "/dev/vfio/vfio"
+
+
+@dataclass(frozen=True)
+class Migration:
+    """Dirty-page tracking support (VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION)."""
+
+    flags: int
+    pgsize_bitmap: int
+    max_dirty_bitmap_size: int
+
+
+@dataclass(frozen=True)
+class IommuInfo:
+    """VFIO_IOMMU_GET_INFO: page sizes and the capability chain."""
+
+    flags: int
+    page_sizes: int  # bitmap of supported IOMMU page sizes
+    iova_ranges: Optional[Tuple[Range, ...]]  # inclusive; None when the kernel does not say
+    dma_avail: Optional[int]  # how many more mappings the kernel allows
+    migration: Optional[Migration]
+    other_caps: Tuple[int, ...] = ()
+
+    @property
+    def min_page_size(self) -> int:
+        return self.page_sizes & -self.page_sizes if self.page_sizes else mmap.PAGESIZE
+
+
+def parse_iommu_caps(buf: bytes, first: int) -> Dict[str, Any]:
+    """Parse a VFIO_IOMMU_GET_INFO capability chain into IommuInfo's optional fields."""
+    out: Dict[str, Any] = {"iova_ranges": None, "dma_avail": None, "migration": None, "other_caps": []}
+    for cap_id, _version, off in walk_chain(buf, first, ffi.sizeof("struct vfio_iommu_type1_info")):
+        if cap_id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+            ctype = "struct vfio_iommu_type1_info_cap_iova_range"
+            n = read_struct(buf, off, ctype).nr_iovas
+            cap = read_array(buf, off, ctype, "iova_ranges", n, "struct vfio_iova_range")
+            out["iova_ranges"] = tuple((cap.iova_ranges[i].start, cap.iova_ranges[i].end) for i in range(n))
+        elif cap_id == lib.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:
+            out["dma_avail"] = read_struct(buf, off, "struct vfio_iommu_type1_info_dma_avail").avail
+        elif cap_id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION:
+            cap = read_struct(buf, off, "struct vfio_iommu_type1_info_cap_migration")
+            out["migration"] = Migration(cap.flags, cap.pgsize_bitmap, cap.max_dirty_bitmap_size)
+        else:
+            out["other_caps"].append(cap_id)
+    out["other_caps"] = tuple(out["other_caps"])
+    return out
+
+
+class DmaMapping:
+    """Host memory mapped at ``iova`` for the container's devices.
+
+    Holds the buffer (and a cffi view of it, so an mmap cannot be closed under the
+    device) until unmapped.
+    """
+
+    __slots__ = ("container", "iova", "size", "vaddr", "readable", "writable", "buffer", "_pin")
+
+    def __init__(self, container: "Container", buffer: Any, pin: Any, iova: int, size: int,
+                 readable: bool, writable: bool):
+        self.container = container
+        self.buffer = buffer
+        self._pin = pin
+        self.vaddr = int(ffi.cast("uintptr_t", pin))
+        self.iova, self.size, self.readable, self.writable = iova, size, readable, writable
+
+    @property
+    def mapped(self) -> bool:
+        return self._pin is not None
+
+    def unmap(self) -> None:
+        """Unmap from the IOMMU (idempotent; a no-op once the container dropped it)."""
+        if self._pin is not None:
+            self.container.unmap_dma(self.iova, self.size)
+
+    def _forget(self) -> None:
+        self._pin = None
+        self.buffer = None
+
+    def __enter__(self) -> "DmaMapping":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unmap()
+
+    def __repr__(self) -> str:
+        state = "" if self.mapped else " unmapped"
+        return f"<DmaMapping iova={self.iova:#x} size={self.size:#x}{state}>"
+
+
+class Container(FdObject):
+    """``Container()`` opens /dev/vfio/vfio and checks the API version."""
+
+    _error_family = VfioError
+    _what = "VFIO container"
+
+    def __init__(self, path: str = CONTAINER_PATH):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VfioUnavailableError(path) from None
+        except PermissionError as exc:
+            raise vfio_error(exc.errno, f"cannot open {path}: permission denied (run as root, or give your "
+                                        "user access to /dev/vfio)", "open") from None
+        super().__init__(fd)
+        self._groups: List["Group"] = []
+        self._mappings: Dict[int, DmaMapping] = {}
+        self._iommu_type: Optional[int] = None
+        self._ranges: Optional[Tuple[Range, ...]] = None
+        self.api_version = self._ioctl("VFIO_GET_API_VERSION")
+        if self.api_version != lib.VFIO_API_VERSION:
+            self.close()
+            raise vfio_error(errno.EPROTO, f"kernel VFIO API version {self.api_version}, pykvm speaks "
+                                           f"{lib.VFIO_API_VERSION}", "VFIO_GET_API_VERSION")
+
+    # -- IOMMU -------------------------------------------------------------
+    def check_extension(self, extension: int) -> int:
+        """VFIO_CHECK_EXTENSION: non-zero when the kernel supports ``extension`` (an IOMMU type, ...)."""
+        return self._ioctl("VFIO_CHECK_EXTENSION", extension)
+
+    @property
+    def iommu_type(self) -> Optional[int]:
+        return self._iommu_type
+
+    def set_iommu(self, type: int = lib.VFIO_TYPE1v2_IOMMU) -> None:
+        """Pick the IOMMU backend. Needs at least one group in the container."""
+        if not self._groups:
+            raise vfio_error(errno.EINVAL, "the container has no group: call group.set_container(container) "
+                                           "before set_iommu()", "VFIO_SET_IOMMU")
+        if not self.check_extension(type):
+            raise vfio_error(errno.ENODEV, f"IOMMU type {type} is not offered by this kernel (is the "
+                                           "vfio_iommu_type1 module loaded? `modprobe vfio_iommu_type1`)",
+                             "VFIO_SET_IOMMU")
+        self._ioctl("VFIO_SET_IOMMU", type)
+        self._iommu_type = type
+        self._ranges = None
+
+    def iommu_info(self) -> IommuInfo:
+        """VFIO_IOMMU_GET_INFO with its capability chain parsed."""
+        self._need_iommu("VFIO_IOMMU_GET_INFO")
+        info, buf = query_info(self, "VFIO_IOMMU_GET_INFO", "struct vfio_iommu_type1_info", lambda i: None)
+        caps = {"iova_ranges": None, "dma_avail": None, "migration": None, "other_caps": ()}
+        if info.flags & lib.VFIO_IOMMU_INFO_CAPS and info.cap_offset:
+            caps = parse_iommu_caps(buf, info.cap_offset)
+        return IommuInfo(info.flags, info.iova_pgsizes, **caps)
+
+    @property
+    def iova_ranges(self) -> Tuple[Range, ...]:
+        """Usable IOVA ranges (inclusive), cached until the container's groups change."""
+        if self._ranges is None:
+            ranges = self.iommu_info().iova_ranges
+            self._ranges = merge_ranges(ranges) if ranges is not None else ((0, (1 << 64) - 1),)
+        return self._ranges
+
+    def _need_iommu(self, op: str) -> None:
+        self.fileno()
+        if self._iommu_type is None:
+            raise vfio_error(errno.EINVAL, "no IOMMU set: attach a group and call set_iommu() first", op)
+
+    # -- DMA ---------------------------------------------------------------
+    @property
+    def mappings(self) -> List[DmaMapping]:
+        return list(self._mappings.values())
+
+    def map_dma(self, buffer: Any, iova: int, size: Optional[int] = None, readable: bool = True,
+                writable: bool = True) -> DmaMapping:
+        """Map ``buffer`` (page-aligned memory: an mmap, a numpy array of one) at ``iova``.
+
+        ``readable``/``writable`` say what the device may do. The returned mapping keeps
+        the buffer alive until it is unmapped.
+        """
+        self._need_iommu("VFIO_IOMMU_MAP_DMA")
+        pin = ffi.from_buffer(buffer, require_writable=writable)
+        size = len(pin) if size is None else size
+        vaddr = int(ffi.cast("uintptr_t", pin))
+        if (vaddr | iova | size) & (mmap.PAGESIZE - 1) or not 0 < size <= len(pin):
+            raise vfio_error(errno.EINVAL, f"map_dma needs page-aligned vaddr ({vaddr:#x}), iova ({iova:#x}) "
+                                           f"and size ({size:#x}) within the buffer ({len(pin):#x} bytes); "
+                                           "allocate buffers with mmap (or DmaAllocator)", "VFIO_IOMMU_MAP_DMA")
+        ranges = self.iova_ranges
+        if not in_ranges(ranges, iova, size):
+            raise vfio_error(errno.EINVAL, f"IOVA [{iova:#x}, {iova + size:#x}) is outside the container's usable "
+                                           f"IOVA ranges {format_ranges(ranges)}", "VFIO_IOMMU_MAP_DMA")
+        arg = ffi.new("struct vfio_iommu_type1_dma_map *")
+        arg.argsz = ffi.sizeof(arg[0])
+        arg.flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
+        arg.vaddr, arg.iova, arg.size = vaddr, iova, size
+        ret = lib.pykvm_ioctl_ptr(self._fd, lib.VFIO_IOMMU_MAP_DMA, arg)
+        if ret < 0:
+            raise self._map_error(ffi.errno, iova, size)
+        mapping = DmaMapping(self, buffer, pin, iova, size, readable, writable)
+        self._mappings[iova] = mapping
+        return mapping
+
+    def _map_error(self, err: int, iova: int, size: int) -> VfioError:
+        if err == errno.EEXIST:
+            clash = [m for m in self._mappings.values() if m.iova < iova + size and iova < m.iova + m.size]
+            what = ", ".join(f"[{m.iova:#x}, {m.iova + m.size:#x})" for m in clash) or "a mapping made elsewhere"
+            return vfio_error(err, f"IOVA [{iova:#x}, {iova + size:#x}) overlaps {what}: unmap it first or "
+                                   "pick another IOVA", "VFIO_IOMMU_MAP_DMA")
+        if err == errno.ENOSPC:
+            return vfio_error(err, "the kernel's limit on DMA mappings is reached (vfio_iommu_type1 "
+                                   "dma_entry_limit)", "VFIO_IOMMU_MAP_DMA")
+        if err == errno.ENOMEM:
+            return vfio_error(err, "cannot pin the pages: RLIMIT_MEMLOCK too low (raise `ulimit -l`) or out of "
+                                   "memory", "VFIO_IOMMU_MAP_DMA")
+        return vfio_error(err, os.strerror(err), "VFIO_IOMMU_MAP_DMA")
+
+    def unmap_dma(self, iova: int, size: int) -> int:
+        """Unmap every mapping inside ``[iova, iova+size)``; returns the bytes the kernel unmapped.
+
+        Unmapping nothing is an error (FileNotFoundError), as is cutting a mapping in two.
+        """
+        self._need_iommu("VFIO_IOMMU_UNMAP_DMA")
+        arg = ffi.new("struct vfio_iommu_type1_dma_unmap *")
+        arg.argsz = ffi.sizeof(arg[0])
+        arg.iova, arg.size = iova, size
+        if lib.pykvm_ioctl_ptr(self._fd, lib.VFIO_IOMMU_UNMAP_DMA, arg) < 0:
+            err = ffi.errno
+            hint = " (the range cuts a mapping in two: unmap whole mappings)" if err == errno.EINVAL else ""
+            raise vfio_error(err, f"unmap of [{iova:#x}, {iova + size:#x}) failed: {os.strerror(err)}{hint}",
+                             "VFIO_IOMMU_UNMAP_DMA")
+        done = arg.size
+        mapping = self._mappings.get(iova)
+        if mapping is not None and mapping.size == size:
+            del self._mappings[iova]
+            mapping._forget()
+        else:
+            for m in [m for m in self._mappings.values() if iova <= m.iova and m.iova + m.size <= iova + size]:
+                del self._mappings[m.iova]
+                m._forget()
+        if not done:
+            raise vfio_error(errno.ENOENT, f"nothing is mapped in [{iova:#x}, {iova + size:#x})",
+                             "VFIO_IOMMU_UNMAP_DMA")
+        return done
+
+    # -- groups ------------------------------------------------------------
+    def _attach(self, group: "Group") -> None:
+        self._groups.append(group)
+        self._children.add(group)
+        self._ranges = None
+
+    def _detach(self, group: "Group") -> None:
+        """A group left. The last one leaving makes the kernel drop the IOMMU and all mappings."""
+        if group in self._groups:
+            self._groups.remove(group)
+            self._children.discard(group)
+        self._ranges = None
+        if not self._groups:
+            self._drop_iommu()
+
+    def _drop_iommu(self) -> None:
+        for m in self._mappings.values():
+            m._forget()
+        self._mappings.clear()
+        self._iommu_type = None
+
+    def _release(self) -> None:
+        # Groups (children) are closed by now, so the kernel has unmapped everything.
+        self._drop_iommu()

@@ -1,0 +1,186 @@
+"""A VFIO device fd: regions, interrupts, reset.
+
+Obtained from :meth:`pykvm.vfio.group.Group.get_device`. Closing it makes
+vfio-pci disable its interrupts and reset it (when it can) for the next user.
+"""
+from __future__ import annotations
+
+import errno
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+from pykvm._fdobject import FdObject
+from pykvm._native import ffi, lib
+from pykvm.errors import VfioError
+from pykvm.vfio.caps import query_info
+from pykvm.vfio.errors import vfio_error
+from pykvm.vfio.irqs import EventFdLike, IrqInfo, irq_set
+from pykvm.vfio.pci import ConfigSpace
+from pykvm.vfio.regions import Mmio, Region, RegionCaps, RegionInfo, parse_region_caps
+
+if TYPE_CHECKING:
+    from pykvm.vfio.group import Group
+
+__all__ = ["Device", "DeviceInfo", "HotResetDependent"]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    flags: int
+    num_regions: int
+    num_irqs: int
+
+    @property
+    def is_pci(self) -> bool:
+        return bool(self.flags & lib.VFIO_DEVICE_FLAGS_PCI)
+
+    @property
+    def can_reset(self) -> bool:
+        return bool(self.flags & lib.VFIO_DEVICE_FLAGS_RESET)
+
+
+@dataclass(frozen=True)
+class HotResetDependent:
+    """A device that a PCI hot reset of this one would also reset (and the group it is in)."""
+
+    group: int
+    bdf: str
+
+
+class Device(FdObject):
+    """An open VFIO device. ``name`` is its PCI address."""
+
+    _error_family = VfioError
+    _what = "VFIO device"
+
+    def __init__(self, fd: int, group: "Group", name: str):
+        super().__init__(fd, group)
+        self.group = group
+        self.name = name
+        self._regions: Dict[int, Region] = {}
+        self._info: Optional[DeviceInfo] = None
+        self._config: Optional[ConfigSpace] = None
+        self._mmaps: "weakref.WeakSet[Mmio]" = weakref.WeakSet()
+
+    @property
+    def info(self) -> DeviceInfo:
+        if self._info is None:
+            arg = ffi.new("struct vfio_device_info *")
+            arg.argsz = ffi.sizeof(arg[0])
+            self._ioctl("VFIO_DEVICE_GET_INFO", arg)
+            self._info = DeviceInfo(arg.flags, arg.num_regions, arg.num_irqs)
+        return self._info
+
+    # -- regions -----------------------------------------------------------
+    def region(self, index: int) -> Region:
+        """Region ``index`` (``lib.VFIO_PCI_BAR0_REGION_INDEX`` ... ``VFIO_PCI_CONFIG_REGION_INDEX``)."""
+        if index not in self._regions:
+            if not 0 <= index < self.info.num_regions:
+                raise vfio_error(errno.EINVAL, f"{self.name} has regions 0..{self.info.num_regions - 1}, not {index}",
+                                 "VFIO_DEVICE_GET_REGION_INFO")
+
+            def setup(info):
+                info.index = index
+
+            info, buf = query_info(self, "VFIO_DEVICE_GET_REGION_INFO", "struct vfio_region_info", setup)
+            caps = RegionCaps()
+            if info.flags & lib.VFIO_REGION_INFO_FLAG_CAPS and info.cap_offset:
+                caps = parse_region_caps(buf, info.cap_offset)
+            self._regions[index] = Region(self, RegionInfo(index, info.flags, info.size, info.offset, caps))
+        return self._regions[index]
+
+    def regions(self) -> List[Region]:
+        """Every region index the device has (unimplemented ones have size 0)."""
+        return [self.region(i) for i in range(self.info.num_regions)]
+
+    @property
+    def config(self) -> ConfigSpace:
+        """PCI config space helpers (read/write, enable, capabilities)."""
+        if self._config is None:
+            self._config = ConfigSpace(self.region(lib.VFIO_PCI_CONFIG_REGION_INDEX))
+        return self._config
+
+    # -- interrupts --------------------------------------------------------
+    def irq_info(self, index: int) -> IrqInfo:
+        """Interrupt index ``index`` (``lib.VFIO_PCI_INTX_IRQ_INDEX``, ``..._MSI_...``, ``..._MSIX_...``)."""
+        arg = ffi.new("struct vfio_irq_info *")
+        arg.argsz, arg.index = ffi.sizeof(arg[0]), index
+        self._ioctl("VFIO_DEVICE_GET_IRQ_INFO", arg)
+        return IrqInfo(index, arg.flags, arg.count)
+
+    def set_irqs(self, index: int, eventfds: Sequence[EventFdLike], start: int = 0) -> None:
+        """Signal vectors ``start..start+len(eventfds)-1`` of ``index`` on these eventfds.
+
+        ``None`` (or -1) in the list leaves a vector unassigned. Enables the index.
+        """
+        self._set_irqs(irq_set(index, start, len(eventfds), lib.VFIO_IRQ_SET_ACTION_TRIGGER, eventfds=eventfds))
+
+    def disable_irqs(self, index: int) -> None:
+        """Tear down every vector of ``index`` (the device falls back to no interrupts)."""
+        self._set_irqs(irq_set(index, 0, 0, lib.VFIO_IRQ_SET_ACTION_TRIGGER))
+
+    def mask(self, index: int, start: int = 0, count: int = 1) -> None:
+        self._set_irqs(irq_set(index, start, count, lib.VFIO_IRQ_SET_ACTION_MASK))
+
+    def unmask(self, index: int, start: int = 0, count: int = 1) -> None:
+        """Unmask (INTx is masked by the kernel each time it fires)."""
+        self._set_irqs(irq_set(index, start, count, lib.VFIO_IRQ_SET_ACTION_UNMASK))
+
+    def trigger(self, index: int, start: int = 0, count: int = 1) -> None:
+        """Fire the vectors' eventfds from the kernel (loopback test of the wiring)."""
+        self._set_irqs(irq_set(index, start, count, lib.VFIO_IRQ_SET_ACTION_TRIGGER))
+
+    def _set_irqs(self, arg) -> None:
+        try:
+            self._ioctl("VFIO_DEVICE_SET_IRQS", arg)
+        except VfioError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            info = self.irq_info(arg.index)
+            raise vfio_error(errno.EINVAL, f"{self.name}: SET_IRQS on {info.name} vectors "
+                                           f"[{arg.start}, {arg.start + arg.count}) refused; the index has "
+                                           f"{info.count} vector(s), flags {info.flags:#x}"
+                                           + (" (NORESIZE: disable the index and set all vectors at once)"
+                                              if info.noresize else ""), "VFIO_DEVICE_SET_IRQS") from None
+
+    # -- reset -------------------------------------------------------------
+    def reset(self) -> None:
+        """VFIO_DEVICE_RESET: function-level (or equivalent) reset of this device alone."""
+        if not self.info.can_reset:
+            raise vfio_error(errno.ENOTTY, f"{self.name} has no reset method the kernel can use",
+                             "VFIO_DEVICE_RESET")
+        self._ioctl("VFIO_DEVICE_RESET")
+
+    def hot_reset_info(self) -> List[HotResetDependent]:
+        """The devices a PCI bus (hot) reset of this one would reset too."""
+        count = 0
+        while True:
+            ctype = "struct vfio_pci_hot_reset_info"
+            size = ffi.offsetof(ctype, "devices") + count * ffi.sizeof("struct vfio_pci_dependent_device")
+            raw = bytearray(max(size, ffi.sizeof(ctype)))
+            arg = ffi.from_buffer(ctype + " *", raw)
+            arg.argsz = len(raw)
+            try:
+                self._ioctl("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", arg)
+            except VfioError as exc:
+                if exc.errno == errno.ENOSPC and arg.count > count:
+                    count = arg.count
+                    continue
+                raise
+            out = []
+            for i in range(arg.count):
+                d = arg.devices[i]
+                out.append(HotResetDependent(d.group_id, f"{d.segment:04x}:{d.bus:02x}:{d.devfn >> 3:02x}.{d.devfn & 7}"))
+            return out
+
+    def _release(self) -> None:
+        # Unmap the BARs we mapped: a live mapping would keep the device open in the kernel.
+        for mm in list(self._mmaps):
+            try:
+                mm.close()
+            except BufferError:
+                pass  # the caller still holds a view of it; the kernel releases the device at munmap
+
+    def __repr__(self) -> str:
+        return f"<Device {self.name} {'closed' if self.closed else f'fd={self._fd}'}>"

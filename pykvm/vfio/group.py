@@ -1,0 +1,204 @@
+"""VFIO groups (/dev/vfio/N): the unit of isolation the IOMMU can enforce.
+
+A group exists in sysfs (/sys/kernel/iommu_groups/N) whenever the IOMMU is on;
+its /dev/vfio/N node appears once a VFIO driver (vfio-pci) holds a device of
+it. The group is *viable* when every device in it is bound to vfio-pci, a
+VFIO-safe driver, or no driver. A viable group joins a container; then its
+devices can be opened.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+
+from pykvm._fdobject import FdObject
+from pykvm._native import ffi, lib
+from pykvm.errors import VfioError
+from pykvm.vfio.container import CONTAINER_PATH
+from pykvm.vfio.device import Device
+from pykvm.vfio.errors import VfioUnavailableError, vfio_error
+
+if TYPE_CHECKING:
+    from pykvm.vfio.container import Container
+
+__all__ = ["Group", "GroupStatus", "group_members", "group_of_device", "normalize_bdf"]
+
+SYSFS = "/sys"
+
+
+def normalize_bdf(bdf: str) -> str:
+    """``00:05.0`` -> ``0000:00:05.0`` (sysfs and the kernel name devices with the domain)."""
+    bdf = bdf.strip().lower()
+    return bdf if bdf.count(":") == 2 else "0000:" + bdf
+
+
+def _link_name(path: str) -> Optional[str]:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def group_of_device(bdf: str, sysfs: str = SYSFS) -> int:
+    """The IOMMU group number of PCI device ``bdf``, from /sys/bus/pci/devices/BDF/iommu_group."""
+    bdf = normalize_bdf(bdf)
+    dev = f"{sysfs}/bus/pci/devices/{bdf}"
+    if not os.path.exists(dev):
+        raise vfio_error(errno.ENODEV, f"no PCI device {bdf} on this machine (`lspci -D` lists them)", "sysfs")
+    group = _link_name(f"{dev}/iommu_group")
+    if group is None:
+        raise vfio_error(errno.ENODEV, f"{bdf} has no IOMMU group: the IOMMU is off or absent (boot with "
+                                       "intel_iommu=on or amd_iommu=on); `pykvm host check` says more", "sysfs")
+    return int(group)
+
+
+def group_members(number: int, sysfs: str = SYSFS) -> List[Tuple[str, Optional[str]]]:
+    """``(bdf, driver or None)`` for every device in IOMMU group ``number``."""
+    base = f"{sysfs}/kernel/iommu_groups/{number}/devices"
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return []
+    return [(bdf, _link_name(f"{base}/{bdf}/driver")) for bdf in names]
+
+
+def _format_members(members: List[Tuple[str, Optional[str]]]) -> str:
+    return ", ".join(f"{bdf} (driver: {drv or 'none'})" for bdf, drv in members) or "no devices listed in sysfs"
+
+
+def _holders(path: str) -> List[str]:
+    """``pid (comm)`` of processes that have ``path`` open, as far as /proc lets us see."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in fds):
+                with open(f"/proc/{pid}/comm") as f:
+                    found.append(f"{pid} ({f.read().strip()})")
+        except OSError:
+            continue
+    return found
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    viable: bool
+    container_set: bool
+
+
+class Group(FdObject):
+    """``Group(26)``, ``Group("/dev/vfio/26")`` or ``Group.for_device("0000:00:05.0")``."""
+
+    _error_family = VfioError
+    _what = "VFIO group"
+
+    def __init__(self, group: Union[int, str], sysfs: str = SYSFS):
+        if isinstance(group, int) or str(group).isdigit():
+            self.number, self.path = int(group), f"/dev/vfio/{int(group)}"
+        else:
+            self.path = str(group)
+            self.number = int(os.path.basename(self.path))
+        self._sysfs = sysfs
+        self.container: Optional["Container"] = None
+        super().__init__(self._open())
+
+    @classmethod
+    def for_device(cls, bdf: str, sysfs: str = SYSFS) -> "Group":
+        """Open the group that holds PCI device ``bdf``."""
+        return cls(group_of_device(bdf, sysfs), sysfs)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not os.path.exists(CONTAINER_PATH):
+                raise VfioUnavailableError(CONTAINER_PATH) from None
+            members = self.members()
+            if not members:
+                raise vfio_error(errno.ENOENT, f"IOMMU group {self.number} does not exist", "open") from None
+            fix = " ".join(bdf for bdf, drv in members if drv != "vfio-pci")
+            raise vfio_error(errno.ENOENT, f"{self.path} does not exist: group {self.number} is not bound to "
+                                           f"vfio-pci ({_format_members(members)}). Fix: `pykvm host bind {fix}`",
+                             "open") from None
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                who = ", ".join(_holders(self.path)) or "another process"
+                raise vfio_error(errno.EBUSY, f"{self.path} is in use (open in {who}); a group can be open "
+                                              "once at a time", "open") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise vfio_error(exc.errno, f"cannot open {self.path}: permission denied (run as root or "
+                                            "chown the group node)", "open") from None
+            raise
+
+    def members(self) -> List[Tuple[str, Optional[str]]]:
+        """``(bdf, driver)`` of the devices in this group, from sysfs."""
+        return group_members(self.number, self._sysfs)
+
+    @property
+    def status(self) -> GroupStatus:
+        arg = ffi.new("struct vfio_group_status *")
+        arg.argsz = ffi.sizeof(arg[0])
+        self._ioctl("VFIO_GROUP_GET_STATUS", arg)
+        return GroupStatus(bool(arg.flags & lib.VFIO_GROUP_FLAGS_VIABLE),
+                           bool(arg.flags & lib.VFIO_GROUP_FLAGS_CONTAINER_SET))
+
+    def _require_viable(self, op: str) -> None:
+        if not self.status.viable:
+            others = [(b, d) for b, d in self.members() if d not in ("vfio-pci", None)]
+            raise vfio_error(errno.EPERM, f"group {self.number} is not viable: every device in it must be bound to "
+                                          f"vfio-pci or unbound; these are not: {_format_members(others)}. Fix: "
+                                          f"`pykvm host bind {' '.join(b for b, _ in others)}`", op)
+
+    def set_container(self, container: "Container") -> None:
+        """Join ``container`` (its IOMMU context); the group must be viable."""
+        self._require_viable("VFIO_GROUP_SET_CONTAINER")
+        fd = ffi.new("int *", container.fileno())
+        self._ioctl("VFIO_GROUP_SET_CONTAINER", fd)
+        self.container = container
+        container._attach(self)
+
+    def unset_container(self) -> None:
+        """Leave the container (devices must be closed first: the kernel refuses with EBUSY)."""
+        for child in list(self._children):
+            child.close()
+        self._ioctl("VFIO_GROUP_UNSET_CONTAINER")
+        self._left()
+
+    def _left(self) -> None:
+        container, self.container = self.container, None
+        if container is not None:
+            container._detach(self)
+
+    def get_device(self, bdf: str) -> Device:
+        """Open device ``bdf`` of this group (needs a container with an IOMMU set)."""
+        bdf = normalize_bdf(bdf)
+        self._require_viable("VFIO_GROUP_GET_DEVICE_FD")
+        if self.container is None or self.container.iommu_type is None:
+            raise vfio_error(errno.EINVAL, f"group {self.number} needs a container with an IOMMU before its "
+                                           "devices open: group.set_container(c); c.set_iommu()",
+                             "VFIO_GROUP_GET_DEVICE_FD")
+        try:
+            fd = self._ioctl("VFIO_GROUP_GET_DEVICE_FD", ffi.new("char[]", bdf.encode()))
+        except VfioError as exc:
+            if exc.errno == errno.EBUSY:
+                raise vfio_error(errno.EBUSY, f"device {bdf} is in use (already open)",
+                                 "VFIO_GROUP_GET_DEVICE_FD") from None
+            if exc.errno in (errno.ENODEV, errno.EINVAL):
+                raise vfio_error(exc.errno, f"no device {bdf} in group {self.number} (members: "
+                                            f"{_format_members(self.members())})", "VFIO_GROUP_GET_DEVICE_FD") from None
+            raise
+        return Device(fd, self, bdf)
+
+    @property
+    def devices(self) -> List[Device]:
+        """The devices opened through this group and not closed yet."""
+        return [d for d in self._children if not d.closed]
+
+    def _release(self) -> None:
+        # Closing the group fd takes it out of its container in the kernel.
+        self._left()
+
+    def __repr__(self) -> str:
+        return f"<Group {self.number} {'closed' if self.closed else f'fd={self._fd}'}>"
