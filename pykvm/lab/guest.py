@@ -151,14 +151,21 @@ def tail(lines: Sequence[str], count: int = 40) -> str:
     return "\n".join(lines[-count:])
 
 
+# Host variables a command in L1 keeps: where Python and its packages are, the locale,
+# and test settings (CI picks Hypothesis' CI profile in tests/conftest.py).
+_PASSED_THROUGH = (
+    "PATH", "LANG", "LC_ALL", "PYTHONPATH", "PYENV_ROOT", "PYENV_VERSION", "VIRTUAL_ENV",
+    "CI", "HYPOTHESIS_PROFILE",
+)
+
+
 def lab_env(host_env: Mapping[str, str], extra: Optional[Mapping[str, str]] = None, *, interactive: bool = False) -> Dict[str, str]:
     """The environment of a command in L1: the host's PATH, Python and PYKVM_* settings,
     a writable HOME, and the lab's own variables."""
     env = {
         k: v
         for k, v in host_env.items()
-        if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "PYENV_ROOT", "PYENV_VERSION", "VIRTUAL_ENV")
-        or k.startswith("PYKVM_")
+        if k in _PASSED_THROUGH or k.startswith("PYKVM_")
     }
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     env.update(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from pykvm.lab import guest
-from pykvm.lab.image import LabImage, Progress, prepare, stderr_progress
+from pykvm.lab.image import LabImage, Progress, cache_root, prepare, stderr_progress
 from pykvm.lab.initramfs import FileContent, build_initramfs
 from pykvm.lab.qemu import QemuProcess, qemu_argv
 
@@ -94,13 +94,21 @@ class Lab:
             modules_dir=self.modules_dir, busybox=self.image.busybox,
         )
 
+    @staticmethod
+    def _env(extra: Optional[Mapping[str, str]], interactive: bool = False) -> Dict[str, str]:
+        """The command's environment; PYKVM_LAB_CACHE lets ``Lab.prepare()`` inside L1
+        find this (read-only) cache, e.g. for the kernel an L2 guest boots."""
+        extra = {"PYKVM_LAB_CACHE": str(cache_root()), **(extra or {})}
+        return guest.lab_env(os.environ, extra, interactive=interactive)
+
     def _write_job(self, out_dir: Path, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
         token = secrets.token_hex(8)
         job = out_dir / guest.JOB_DIR
         job.mkdir(parents=True, exist_ok=True)
         (job / "token").write_text(token + "\n")
         (job / "job.sh").write_text(guest.job_script(argv, cwd, env))
-        (job / "tmp-keep").write_text("\n".join(guest.tmp_keep([cwd, *argv[:1]])) + "\n")
+        keep = guest.tmp_keep([cwd, *argv[:1], str(cache_root())])
+        (job / "tmp-keep").write_text("\n".join(keep) + "\n")
         return token
 
     def run(
@@ -124,7 +132,7 @@ class Lab:
         started = time.monotonic()
         out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="pykvm-lab-out-"))
         out.mkdir(parents=True, exist_ok=True)
-        token = self._write_job(out, argv, cwd or os.getcwd(), guest.lab_env(os.environ, env))
+        token = self._write_job(out, argv, cwd or os.getcwd(), self._env(env))
         parser = guest.ConsoleParser(token)
         lock = threading.Lock()
         began = threading.Event()
@@ -181,8 +189,7 @@ class Lab:
         """An interactive shell in L1 on this terminal (Ctrl-A X quits QEMU)."""
         out = Path(tempfile.mkdtemp(prefix="pykvm-lab-out-"))
         shell = os.environ.get("SHELL") or "/bin/sh"
-        interactive_env = guest.lab_env(os.environ, env, interactive=True)
-        self._write_job(out, [shell, "-i"], cwd or os.getcwd(), interactive_env)
+        self._write_job(out, [shell, "-i"], cwd or os.getcwd(), self._env(env, interactive=True))
         argv = qemu_argv(self.image, out, memory_mb=self.memory_mb, cpus=self.cpus, interactive=True)
         proc = subprocess.Popen(argv)
         try:

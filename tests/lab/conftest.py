@@ -8,7 +8,8 @@ proxy then passes, fails with the inner failure text, or skips with the inner re
 
 If the lab cannot start (no QEMU, no kernel), lab tests skip with the reason; with
 ``PYKVM_REQUIRE_LAB=1`` they fail instead. ``PYKVM_LAB_TIMEOUT`` bounds the whole inner run
-(seconds, default 1500); ``PYKVM_LAB_STREAM=1`` (or ``-v``) shows the inner output live.
+(seconds, default 1500); ``PYKVM_LAB_STREAM=1`` (or ``-v``) shows the inner output live;
+``PYKVM_LAB_KEEP_OUT=1`` keeps the run's ``$PYKVM_LAB_OUT`` (with ``junit.xml``).
 
 Inside L1 (``PYKVM_IN_LAB=1``) the tests run as usual; the checkout is read-only there,
 so Hypothesis keeps its data under /tmp.
@@ -128,7 +129,11 @@ else:
                     self.error = f"the inner pytest reported nothing (exit {result.returncode}):\n{result.output[-4000:]}"
                 self.output_tail = result.output[-4000:]
             finally:
-                shutil.rmtree(result.out_dir, ignore_errors=True)
+                if os.environ.get("PYKVM_LAB_KEEP_OUT") == "1":
+                    with capman.global_and_fixture_disabled():
+                        writer.line(f"[lab] outputs (junit.xml, {RESULTS_FILE}) kept in {result.out_dir}")
+                else:
+                    shutil.rmtree(result.out_dir, ignore_errors=True)
 
         def report(self, nodeid: str) -> None:
             """Raise the inner outcome of ``nodeid`` (return means it passed)."""
