@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import os
 
-import common  # noqa: F401  (puts the checkout on sys.path)
-from common import compile_c, median, parser, report, run_c, temp_dir, time_ns
+from common import compile_c, median, parser, report, run_c, temp_dir, time_ns  # puts the checkout on sys.path
 
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory

@@ -45,32 +45,42 @@ static void fill(uint8_t *dst, uint64_t value, uint32_t size, uint32_t count)
         memcpy(dst + (size_t)i * size, &value, size); /* x86: little-endian */
 }
 
-/* 0: not handled; 1: handled; 2: handled, ask Python to drain the UART ring. */
-static int uart_pio(struct pykvm_runloop *rl, struct kvm_run *run, uint8_t *data)
+/* Append `count` bytes unless the ring lacks room; returns 0 (full), 1, or 2
+ * (appended, and Python should drain now: a newline or the ring half full). */
+static int uart_append(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t count)
 {
-    uint32_t port = run->io.port, count = run->io.count;
-    if (rl->uart_base < 0 || run->io.size != 1)
-        return 0;
-    if (port == (uint32_t)rl->uart_base && run->io.direction == KVM_EXIT_IO_OUT) {
-        if (!__atomic_load_n(&rl->uart_tx_ok, __ATOMIC_ACQUIRE))
-            return 0;
-        uint32_t head = rl->uart_head;
-        uint32_t tail = __atomic_load_n(&rl->uart_tail, __ATOMIC_ACQUIRE);
-        if (PYKVM_RL_UART_RING - (head - tail) < count)
-            return 0; /* full: Python drains the ring, then the model transmits this one */
+    int ret = 0;
+    while (__atomic_exchange_n(&u->lock, 1, __ATOMIC_ACQUIRE))
+        ;
+    uint32_t head = u->head;
+    uint32_t tail = __atomic_load_n(&u->tail, __ATOMIC_ACQUIRE);
+    if (PYKVM_RL_UART_RING - (head - tail) >= count) {
         int newline = 0;
         for (uint32_t i = 0; i < count; i++) {
-            rl->uart_ring[(head + i) & (PYKVM_RL_UART_RING - 1)] = data[i];
+            u->ring[(head + i) & (PYKVM_RL_UART_RING - 1)] = data[i];
             newline |= data[i] == '\n';
         }
-        __atomic_store_n(&rl->uart_head, head + count, __ATOMIC_RELEASE);
-        rl->uart_tx_bytes += count;
-        if ((newline && rl->uart_flush_on_newline) || head + count - tail >= PYKVM_RL_UART_RING / 2)
-            return 2;
-        return 1;
+        __atomic_store_n(&u->head, head + count, __ATOMIC_RELEASE);
+        u->tx_bytes += count;
+        ret = (newline && u->flush_on_newline) || head + count - tail >= PYKVM_RL_UART_RING / 2 ? 2 : 1;
     }
-    if (port == (uint32_t)rl->uart_base + 5 && run->io.direction == KVM_EXIT_IO_IN) {
-        int32_t lsr = __atomic_load_n(&rl->uart_lsr, __ATOMIC_ACQUIRE);
+    __atomic_store_n(&u->lock, 0, __ATOMIC_RELEASE);
+    return ret;
+}
+
+/* 0: not handled; 1: handled; 2: handled, ask Python to drain the UART ring. */
+static int uart_pio(struct pykvm_rl_uart *u, struct kvm_run *run, uint8_t *data)
+{
+    uint32_t port = run->io.port, count = run->io.count;
+    if (!u || run->io.size != 1)
+        return 0;
+    if (port == (uint32_t)u->base && run->io.direction == KVM_EXIT_IO_OUT) {
+        if (!__atomic_load_n(&u->tx_ok, __ATOMIC_ACQUIRE))
+            return 0;
+        return uart_append(u, data, count); /* full: Python drains, then the model transmits it */
+    }
+    if (port == (uint32_t)u->base + 5 && run->io.direction == KVM_EXIT_IO_IN) {
+        int32_t lsr = __atomic_load_n(&u->lsr, __ATOMIC_ACQUIRE);
         if (lsr < 0)
             return 0;
         memset(data, lsr, count);
@@ -86,7 +96,7 @@ static int handle_io(struct pykvm_runloop *rl, struct kvm_run *run)
     if (size == 0 || size > 8 || count == 0 || off + (uint64_t)size * count > rl->run_size)
         return 0; /* odd: let Python's decoder judge it */
     uint8_t *data = (uint8_t *)run + off;
-    int u = uart_pio(rl, run, data);
+    int u = uart_pio(rl->uart, run, data);
     if (u)
         return u;
     struct pykvm_rl_range *r = find_range(rl, PYKVM_RL_SPACE_PIO, run->io.port, size);
@@ -163,17 +173,17 @@ int pykvm_runloop_run(struct pykvm_runloop *rl)
     }
 }
 
-/* Copy up to `cap` transmitted bytes out of the ring (single consumer: the
- * Python side serializes drains with a lock). Returns how many were copied. */
-uint32_t pykvm_runloop_uart_drain(struct pykvm_runloop *rl, uint8_t *out, uint32_t cap)
+/* Copy up to `cap` transmitted bytes out of the ring (one consumer at a
+ * time: Python serializes drains with a lock). Returns how many were copied. */
+uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap)
 {
-    uint32_t tail = rl->uart_tail;
-    uint32_t head = __atomic_load_n(&rl->uart_head, __ATOMIC_ACQUIRE);
+    uint32_t tail = u->tail;
+    uint32_t head = __atomic_load_n(&u->head, __ATOMIC_ACQUIRE);
     uint32_t n = head - tail;
     if (n > cap)
         n = cap;
     for (uint32_t i = 0; i < n; i++)
-        out[i] = rl->uart_ring[(tail + i) & (PYKVM_RL_UART_RING - 1)];
-    __atomic_store_n(&rl->uart_tail, tail + n, __ATOMIC_RELEASE);
+        out[i] = u->ring[(tail + i) & (PYKVM_RL_UART_RING - 1)];
+    __atomic_store_n(&u->tail, tail + n, __ATOMIC_RELEASE);
     return n;
 }

@@ -38,6 +38,22 @@ struct pykvm_rl_range {
     uint64_t writes;
 };
 
+/* The 16550 fast path. The Python UART model publishes what C may do on its
+ * own (tx_ok, lsr); transmitted bytes go into a ring that Python drains into
+ * the model's output. One per machine: vCPU threads append under `lock`
+ * (the guest serializes its THR writes anyway), one drain at a time reads. */
+struct pykvm_rl_uart {
+    int32_t base;               /* first port (THR) */
+    int32_t tx_ok;              /* a THR write is pure output (DLAB=0, no THRE irq, no loopback) */
+    int32_t lsr;                /* LSR value when reading it has no side effect, else -1 */
+    int32_t flush_on_newline;   /* return to Python after a '\n' so lines come out promptly */
+    uint32_t lock;
+    uint32_t head;              /* producers' index */
+    uint32_t tail;              /* consumer's index */
+    uint64_t tx_bytes;
+    uint8_t ring[PYKVM_RL_UART_RING];
+};
+
 struct pykvm_runloop {
     int vcpu_fd;
     struct kvm_run *run;
@@ -52,15 +68,8 @@ struct pykvm_runloop {
     uint32_t nranges;
     struct pykvm_rl_range ranges[PYKVM_RL_MAX_RANGES];
 
-    /* 16550 transmit fast path; the Python model publishes what is safe */
-    int32_t uart_base;          /* -1: no UART fast path */
-    int32_t uart_tx_ok;         /* a THR write is pure output (DLAB=0, no THRE irq, no loopback) */
-    int32_t uart_lsr;           /* LSR value when reading it has no side effect, else -1 */
-    int32_t uart_flush_on_newline;
-    uint32_t uart_head;         /* producer (vCPU thread) index */
-    uint32_t uart_tail;         /* consumer (drain) index */
-    uint64_t uart_tx_bytes;
-    uint8_t uart_ring[PYKVM_RL_UART_RING];
+    /* 16550 fast path, shared by every vCPU's loop of one machine; NULL: none */
+    struct pykvm_rl_uart *uart;
 
     /* statistics, by exit reason slot; times in TSC ticks (rdtsc costs a
      * fraction of clock_gettime; Python converts with a measured rate) */
@@ -73,7 +82,7 @@ struct pykvm_runloop {
 };
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
-uint32_t pykvm_runloop_uart_drain(struct pykvm_runloop *rl, uint8_t *out, uint32_t cap);
+uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);
 

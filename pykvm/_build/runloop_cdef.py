@@ -22,6 +22,11 @@ struct pykvm_rl_range {
     uint64_t reads; uint64_t writes; ...;
 };
 
+struct pykvm_rl_uart {
+    int32_t base; int32_t tx_ok; int32_t lsr; int32_t flush_on_newline;
+    uint32_t head; uint32_t tail; uint64_t tx_bytes; ...;
+};
+
 struct pykvm_runloop {
     int vcpu_fd;
     struct kvm_run *run;
@@ -32,13 +37,7 @@ struct pykvm_runloop {
     int32_t last_errno;
     uint32_t nranges;
     struct pykvm_rl_range ranges[...];
-    int32_t uart_base;
-    int32_t uart_tx_ok;
-    int32_t uart_lsr;
-    int32_t uart_flush_on_newline;
-    uint32_t uart_head;
-    uint32_t uart_tail;
-    uint64_t uart_tx_bytes;
+    struct pykvm_rl_uart *uart;
     int32_t last_reason;
     uint64_t last_exit_ticks;
     uint64_t exits[...];
@@ -49,7 +48,7 @@ struct pykvm_runloop {
 };
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
-uint32_t pykvm_runloop_uart_drain(struct pykvm_runloop *rl, uint8_t *out, uint32_t cap);
+uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);
 """

@@ -40,6 +40,7 @@ from pykvm.vmm.bus import Bus
 log = logging.getLogger(__name__)
 
 ALL_ONES = (1 << 64) - 1
+_COUNTER_LOCK = threading.Lock()
 NREASONS = lib.PYKVM_RL_NREASONS
 UART_LSR = 5
 
@@ -76,6 +77,37 @@ class FastPathUart(Protocol):
         """Send bytes written to THR through the fast path to the model's output."""
 
 
+class UartFastPath:
+    """The C side of a 16550 fast path (``struct pykvm_rl_uart``), one per machine:
+    every vCPU's C loop appends transmitted bytes to its ring; ``drain()`` (any
+    thread) hands them to the model's output in order."""
+
+    def __init__(self, base: int, model: FastPathUart, flush_on_newline: bool = True):
+        self.model = model
+        self.c = ffi.new("struct pykvm_rl_uart *")
+        self.c.base = base
+        self.c.flush_on_newline = int(flush_on_newline)
+        self._lock = threading.Lock()
+        self._buf = ffi.new("uint8_t[]", lib.PYKVM_RL_UART_RING)
+        model.fast_path_listener = self.sync
+        self.sync()
+
+    def sync(self) -> None:
+        """The model's state changed: publish what C may still do on its own."""
+        tx_ok, lsr = self.model.fast_path_state()
+        self.c.tx_ok = int(bool(tx_ok))
+        self.c.lsr = lsr
+
+    def drain(self) -> None:
+        """Send the bytes C queued to the model's output. Any thread."""
+        with self._lock:
+            while True:
+                n = lib.pykvm_uart_drain(self.c, self._buf, lib.PYKVM_RL_UART_RING)
+                if not n:
+                    return
+                self.model.emit(bytes(ffi.buffer(self._buf, n)))
+
+
 Handler = Callable[[Exit], bool]  # returns True to stop the loop
 
 
@@ -101,12 +133,16 @@ class RunLoop:
         out += [(lib.PYKVM_RL_SPACE_MMIO, r) for r in self.mmio.ranges() if isinstance(r.device, ConstantDevice)]
         return out
 
-    def fast_uart(self) -> Optional[Tuple[int, FastPathUart]]:
-        """(base port, model) of the first PIO device offering the UART fast path."""
-        for r in self.pio.ranges():
-            if r.length > UART_LSR and all(hasattr(r.device, a) for a in ("fast_path_state", "emit")):
-                return r.base, r.device
-        return None
+    _uart: Optional[UartFastPath] = field(default=None, init=False, repr=False)
+
+    def fast_uart(self) -> Optional[UartFastPath]:
+        """The fast path of the first PIO device that offers one (made once, shared by all loops)."""
+        if self._uart is None:
+            for r in self.pio.ranges():
+                if r.length > UART_LSR and all(hasattr(r.device, a) for a in ("fast_path_state", "emit")):
+                    self._uart = UartFastPath(r.base, r.device, self.uart_flush_on_newline)
+                    break
+        return self._uart
 
     def dispatch(self, ex: Exit) -> bool:
         """Handle one exit on the Python path; True means stop the loop."""
@@ -195,7 +231,6 @@ class _Loop:
         self.desc = desc
         self.vcpu = vcpu
         self._stopped = False
-        self._lock = threading.Lock()
 
     def kick(self) -> None:
         """Make the current (or next) ``run_until`` return INTERRUPTED. Any thread."""
@@ -216,9 +251,15 @@ class _Loop:
         after each exit Python sees), ``timeout`` seconds pass, ``max_exits``
         exits happened, or another thread calls kick()/stop()."""
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
-        timer = None
+        self.vcpu.fileno()  # a closed vCPU raises here, before C touches its unmapped kvm_run
+        timer, fired = None, []
+
+        def on_deadline() -> None:  # a guest that never exits still stops
+            fired.append(True)
+            self.vcpu.kick()
+
         if timeout is not None:
-            timer = threading.Timer(timeout, self.vcpu.kick)  # a guest that never exits
+            timer = threading.Timer(timeout, on_deadline)
             timer.daemon = True
             timer.start()
         try:
@@ -226,13 +267,11 @@ class _Loop:
         finally:
             if timer is not None:
                 timer.cancel()
-        if result.status in (Status.INTERRUPTED, Status.DEADLINE, Status.STOPPED):
-            if self._stopped:
-                result.status = Status.STOPPED
-            elif deadline is not None and time.monotonic_ns() >= deadline:
-                result.status = Status.DEADLINE
-            if not self._stopped:
-                self.vcpu.immediate_exit = False  # this kick is consumed
+                timer.join()  # a kick in flight lands now, not in the next run
+        if result.status is Status.INTERRUPTED:
+            result.status = Status.STOPPED if self._stopped else Status.DEADLINE if fired else Status.INTERRUPTED
+        if not self._stopped and (result.status in (Status.INTERRUPTED, Status.DEADLINE) or fired):
+            self.vcpu.immediate_exit = False  # the kick is consumed
         return result
 
     def _run(self, predicate, deadline, max_exits) -> RunResult:  # pragma: no cover - abstract
@@ -320,16 +359,9 @@ class CRunLoop(_Loop):
         rl.nranges = len(ranges)
         self._ranges = [r for _, r in ranges]
         self._rl = rl
-        self._drain_lock = threading.Lock()
-        self._drain_buf = ffi.new("uint8_t[]", lib.PYKVM_RL_UART_RING)
-        rl.uart_base = -1
         self._uart = desc.fast_uart()
         if self._uart is not None:
-            base, model = self._uart
-            rl.uart_flush_on_newline = int(desc.uart_flush_on_newline)
-            model.fast_path_listener = self._sync_uart
-            self._sync_uart()
-            rl.uart_base = base
+            rl.uart = self._uart.c
 
     @property
     def uart_fast_path(self) -> bool:
@@ -339,22 +371,10 @@ class CRunLoop(_Loop):
     def _set_stop_flag(self) -> None:
         self._rl.stop = 1
 
-    def _sync_uart(self) -> None:
-        """The model's state changed: publish what C may still do on its own."""
-        tx_ok, lsr = self._uart[1].fast_path_state()
-        self._rl.uart_tx_ok = int(bool(tx_ok))
-        self._rl.uart_lsr = lsr
-
     def drain_uart(self) -> None:
         """Hand bytes the guest transmitted through C to the UART model's output. Any thread."""
-        if self._uart is None:
-            return
-        with self._drain_lock:
-            while True:
-                n = lib.pykvm_runloop_uart_drain(self._rl, self._drain_buf, lib.PYKVM_RL_UART_RING)
-                if not n:
-                    return
-                self._uart[1].emit(bytes(ffi.buffer(self._drain_buf, n)))
+        if self._uart is not None:
+            self._uart.drain()
 
     def _flusher(self, done: threading.Event) -> None:
         while not done.wait(self.FLUSH_INTERVAL):
@@ -362,11 +382,12 @@ class CRunLoop(_Loop):
 
     def _collect_counters(self) -> None:
         rl = self._rl
-        for i, r in enumerate(self._ranges):
-            c = rl.ranges[i]
-            r.device.reads += c.reads
-            r.device.writes += c.writes
-            c.reads = c.writes = 0
+        with _COUNTER_LOCK:  # vCPU threads of one machine share the devices
+            for i, r in enumerate(self._ranges):
+                c = rl.ranges[i]
+                r.device.reads += c.reads
+                r.device.writes += c.writes
+                c.reads = c.writes = 0
 
     def _run(self, predicate, deadline, max_exits) -> RunResult:
         rl, vcpu, desc = self._rl, self.vcpu, self.desc

@@ -284,3 +284,12 @@ def test_random_accesses_both_loops_survive_and_agree(kvm, program):
     assert sc.exits == sp.exits
     assert mc.observable() == mp.observable()
     assert memc == memp
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_run_on_a_closed_vcpu_raises_instead_of_touching_its_page(vm, loop_cls):
+    cpu, _ = real_mode_vcpu(vm, HLT)
+    loop = loop_cls(RunLoop(Bus("pio", 1 << 16), Bus("mmio", 1 << 64)), cpu)
+    cpu.close()
+    with pytest.raises(OSError):
+        loop.run_until(timeout=1)
