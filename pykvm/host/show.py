@@ -2,6 +2,7 @@
 plus its VFIO regions and interrupts when it is bound to vfio-pci."""
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
@@ -61,8 +62,15 @@ def show_device(root: Optional[Root] = None, bdf: str = "", *, vfio: bool = True
     return view
 
 
+_REGION_NAMES = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5", 6: "ROM", 7: "config", 8: "VGA"}
+
+
 def _add_vfio(root: Root, view: DeviceView) -> None:
-    """Open the device through the VFIO layer (group, container, device fd) and list its regions and IRQs."""
+    """Open the device through the VFIO layer (container, group, device fd) and list its regions and IRQs.
+
+    Opening a group takes it for this process: when a VMM holds it, the kernel answers EBUSY
+    and the section is skipped with that reason.
+    """
     dev = view.device
     if not root.is_real:
         view.notes.append("VFIO section skipped: a synthetic root has no devices to open")
@@ -71,16 +79,44 @@ def _add_vfio(root: Root, view: DeviceView) -> None:
         view.notes.append(f"VFIO section skipped: /dev/vfio/{dev.iommu_group} does not exist")
         return
     try:
-        from pykvm.vfio import open_device_info
+        from pykvm.vfio import Container, Group
     except ImportError as exc:
         view.notes.append(f"VFIO section skipped: the VFIO layer is not available ({exc})")
         return
     try:
-        regions, irqs = open_device_info(dev.bdf)
+        with Container() as container, Group(dev.iommu_group) as group:
+            group.set_container(container)
+            container.set_iommu()
+            device = group.get_device(dev.bdf)
+            for index in range(device.info.num_regions):
+                try:
+                    info = device.region(index).info
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:  # the VGA region of a non-VGA device
+                        continue
+                    raise
+                if info.size == 0:
+                    continue
+                flags = [f for f, on in (("read", info.readable), ("write", info.writable), ("mmap", info.mmappable)) if on]
+                view.vfio_regions.append({
+                    "index": info.index, "name": _REGION_NAMES.get(info.index, f"region {info.index}"),
+                    "size": info.size, "offset": info.offset, "flags": flags,
+                    "mmap_areas": [[a.offset, a.size] for a in info.mmap_areas()],
+                })
+            for index in range(device.info.num_irqs):
+                irq = device.irq_info(index)
+                flags = [f for f, on in (("eventfd", irq.eventfd), ("maskable", irq.maskable),
+                                         ("automasked", irq.automasked), ("noresize", irq.noresize)) if on]
+                view.vfio_irqs.append({"index": index, "name": irq.name, "count": irq.count, "flags": flags})
     except OSError as exc:
         view.notes.append(f"VFIO section skipped: {exc}")
-        return
-    view.vfio_regions, view.vfio_irqs = regions, irqs
+
+
+def _region_line(r: dict) -> str:
+    areas = ""
+    if r["mmap_areas"] and r["mmap_areas"] != [[0, r["size"]]]:
+        areas = " mmap areas " + ", ".join(f"[{o:#x}+{human_size(n)}]" for o, n in r["mmap_areas"])
+    return f"{r['index']} {r['name']:<6} size={human_size(r['size'])} fd offset={r['offset']:#x} {','.join(r['flags'])}{areas}"
 
 
 def format_device(view: DeviceView) -> str:
@@ -109,8 +145,8 @@ def format_device(view: DeviceView) -> str:
     lines.append(f"\tKernel driver in use: {d.driver or '(none)'}")
     if view.vfio_regions or view.vfio_irqs:
         lines.append("\tVFIO regions:")
-        lines += [f"\t\t{r}" for r in view.vfio_regions]
+        lines += [f"\t\t{_region_line(r)}" for r in view.vfio_regions]
         lines.append("\tVFIO IRQs:")
-        lines += [f"\t\t{i}" for i in view.vfio_irqs]
+        lines += [f"\t\t{i['index']} {i['name']:<6} count={i['count']} {','.join(i['flags'])}" for i in view.vfio_irqs]
     lines += [f"\tNote: {n}" for n in view.notes]
     return "\n".join(lines)

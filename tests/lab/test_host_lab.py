@@ -96,6 +96,14 @@ def test_bind_moves_nvme_to_vfio_and_restore_gives_it_back(tmp_path):
         assert again.returncode == 0 and "already on vfio-pci" in again.stdout
         shown = host("show", NVME_BDF).stdout
         assert "Kernel driver in use: vfio-pci" in shown and "Driver override: vfio-pci" in shown
+        assert "VFIO section skipped" not in shown, shown
+        vfio = json.loads(host("show", NVME_BDF, "--json").stdout)
+        regions = {r["name"]: r for r in vfio["vfio_regions"]}
+        assert regions["BAR0"]["size"] == 16 << 10 and "mmap" in regions["BAR0"]["flags"]
+        assert regions["config"]["flags"] == ["read", "write"]
+        irqs = {i["name"]: i for i in vfio["vfio_irqs"]}
+        assert irqs["MSI-X"]["count"] > 1 and "eventfd" in irqs["MSI-X"]["flags"]
+        print(shown)
     finally:
         restored = host("restore", NVME_BDF, "--state-dir", str(state))
     assert restored.returncode == 0, restored.stdout + restored.stderr
