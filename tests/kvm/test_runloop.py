@@ -308,13 +308,6 @@ def test_failing_handler_stops_the_loop_without_raising(vm, loop_cls):
     assert result.status is Status.EXIT and result.exit.name == "HLT"
 
 
-def test_constant_device_reads_low_bytes_of_value():
-    d = ConstantDevice(0x1122_3344_5566_7788)
-    assert d.read(0, 2) == b"\x88\x77" and ConstantDevice().read(0, 4) == le(ALL_ONES, 4)
-    d.write(0, b"\x01")
-    assert (d.reads, d.writes) == (1, 1)
-
-
 # -- hypothesis: random port and MMIO accesses -------------------------------------
 SIZES = st.sampled_from([1, 2, 4])
 PORTS = st.one_of(st.sampled_from([0x80, 0x10, 0x1c, 0x300, 0x30c, COM1_PORT, COM1_PORT + 5, COM1_PORT + 3]),
