@@ -6,7 +6,7 @@ import shutil
 import sys
 
 from pykvm.lab.image import LabUnavailable, cache_root
-from pykvm.lab.run import Lab, LabError
+from pykvm.lab.run import Lab, LabError, LabTimeout
 
 
 def _lab(args: argparse.Namespace, install: bool = False) -> Lab:
@@ -39,9 +39,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             argv, timeout=args.timeout, stream=lambda line: print(line, flush=True),
             console=(lambda line: print(f"[L1] {line}", file=sys.stderr, flush=True)) if args.verbose else None,
         )
-    except (LabUnavailable, LabError) as exc:
+    except LabUnavailable as exc:
         print(f"pykvm lab: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, LabUnavailable) else 124
+        return 2
+    except LabError as exc:
+        print(f"pykvm lab: {exc}", file=sys.stderr)
+        return 124 if isinstance(exc, LabTimeout) else 125
     t = result.timings
     print(
         f"pykvm lab: exit status {result.returncode} (boot {t['boot']:.1f} s, "
@@ -106,7 +109,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-install", action="store_true", help="do not apt-get install missing tools")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("run", help="boot L1 and run a command there: pykvm lab run -- CMD...")
+    p = sub.add_parser(
+        "run", help="boot L1 and run a command there: pykvm lab run -- CMD...",
+        description="Exit status: the command's; 2 if the lab is unavailable, 124 on a "
+        "timeout, 125 if L1 or QEMU crashed.",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the command (default 600)")
     p.add_argument("--keep-out", action="store_true", help="keep the $PYKVM_LAB_OUT directory and print its path")
     p.add_argument("-v", "--verbose", action="store_true", help="also show L1's console on stderr")

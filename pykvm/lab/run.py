@@ -153,9 +153,9 @@ class Lab:
         qemu = QemuProcess(qemu_argv(self.image, out, memory_mb=self.memory_mb, cpus=self.cpus), on_line)
         timings: Dict[str, float] = {}
         try:
-            self._await(qemu, began, started + self.boot_timeout, parser, "boot (no command start)")
+            self._await(qemu, began, self.boot_timeout, parser, "L1 to boot and start the command")
             timings["boot"] = time.monotonic() - started
-            self._await(qemu, ended, time.monotonic() + timeout, parser, f"the command ({timeout:g} s)")
+            self._await(qemu, ended, timeout, parser, "the command")
             timings["command"] = time.monotonic() - started - timings["boot"]
             if qemu.wait(self.shutdown_timeout) is None:
                 raise LabTimeout(f"L1 did not power off within {self.shutdown_timeout:g} s", guest.tail(parser.console))
@@ -169,7 +169,8 @@ class Lab:
             return LabResult(parser.returncode, "\n".join(parser.output), "\n".join(parser.console), out, timings)  # type: ignore[arg-type]
 
     @staticmethod
-    def _await(qemu: QemuProcess, event: threading.Event, deadline: float, parser: guest.ConsoleParser, what: str) -> None:
+    def _await(qemu: QemuProcess, event: threading.Event, seconds: float, parser: guest.ConsoleParser, what: str) -> None:
+        deadline = time.monotonic() + seconds
         while not event.wait(0.1):
             status = qemu.poll()
             if status is not None:
@@ -179,11 +180,12 @@ class Lab:
                 stderr = "\n".join(qemu.stderr_tail)
                 detail = f" (QEMU said: {stderr.strip()})" if stderr.strip() else ""
                 raise LabCrash(
-                    f"QEMU exited with status {status} during {what}{detail}",
+                    f"QEMU exited (status {status}) while waiting for {what}: L1 panicked, "
+                    f"powered off or QEMU failed{detail}",
                     guest.tail(parser.console),
                 )
             if time.monotonic() > deadline:
-                raise LabTimeout(f"timeout waiting for {what}", guest.tail(parser.console))
+                raise LabTimeout(f"timed out after {seconds:g} s waiting for {what}", guest.tail(parser.console))
 
     def shell(self, *, cwd: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> int:
         """An interactive shell in L1 on this terminal (Ctrl-A X quits QEMU)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.lab import EDU_BDF, EDU_ID, NVME_BDF, NVME_ID, TESTDEV_BDF, TESTDEV_ID, nvme_sector
-from pykvm.lab import LabTimeout
+from pykvm.lab import LabCrash, LabTimeout
 
 PCI = Path("/sys/bus/pci/devices")
 
@@ -53,8 +53,8 @@ def test_lab_out_is_writable():
     assert (out / "probe.txt").read_text() == "written in L1\n"
 
 
-def test_run_returns_status_output_and_reports_timeout(lab, tmp_path):
-    """On the host: two short L1 boots (a failing command, then one that overruns)."""
+def test_run_returns_status_output_and_reports_timeout_and_panic(lab, tmp_path):
+    """On the host: three short L1 boots (a failing command, one that overruns, a panic)."""
     result = lab.run(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo x > $PYKVM_LAB_OUT/f; exit 7"], timeout=60)
     assert result.returncode == 7
     assert result.output.splitlines() == ["to-stdout", "to-stderr"]
@@ -66,3 +66,7 @@ def test_run_returns_status_output_and_reports_timeout(lab, tmp_path):
         lab.run(["sh", "-c", "echo sleeping; sleep 600"], timeout=5, out_dir=tmp_path / "out")
     assert time.monotonic() - started < lab.boot_timeout + 5 + 15
     assert "sleeping" in excinfo.value.console_tail
+
+    with pytest.raises(LabCrash) as excinfo:
+        lab.run(["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout=60, out_dir=tmp_path / "out2")
+    assert "Kernel panic" in excinfo.value.console_tail
