@@ -75,6 +75,7 @@ class Device(FdObject):
     # -- regions -----------------------------------------------------------
     def region(self, index: int) -> Region:
         """Region ``index`` (``lib.VFIO_PCI_BAR0_REGION_INDEX`` ... ``VFIO_PCI_CONFIG_REGION_INDEX``)."""
+        self.fileno()  # a closed device's regions are gone
         if index not in self._regions:
             if not 0 <= index < self.info.num_regions:
                 raise vfio_error(errno.EINVAL, f"{self.name} has regions 0..{self.info.num_regions - 1}, not {index}",
