@@ -1,0 +1,67 @@
+"""VM config files (TOML) with the same fields as ``pykvm run``'s options.
+
+Example ``vm.toml``::
+
+    kernel = "/boot/vmlinuz-6.1.0-13-amd64"
+    initrd = "initrd.img"            # relative paths are relative to this file
+    cmdline = "console=ttyS0 reboot=k panic=-1"
+    memory = "512M"                  # or an integer number of bytes
+    cpus = 2
+    console = "stdio"                # stdio | file:PATH | none
+    stats = true
+    marker = "login:"
+    timeout = 60
+    vfio = ["0000:00:05.0"]
+
+Options given on the command line override the file's values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from typing import Any, Dict
+
+from pykvm.vmm.machine import MachineConfig, MachineError
+
+_FIELDS = {f.name: f for f in dataclasses.fields(MachineConfig)}
+_TYPES: Dict[str, tuple] = {
+    "kernel": (str,), "initrd": (str,), "cmdline": (str,), "memory": (str, int), "cpus": (int,),
+    "console": (str,), "stats": (bool,), "marker": (str,), "timeout": (int, float), "vfio": (list,),
+    "loop": (str,),
+}
+_PATHS = ("kernel", "initrd")
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """Read ``path`` and return its fields, checked against MachineConfig, paths made absolute."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise MachineError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MachineError(f"config file {path!r} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise MachineError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
+    base = os.path.dirname(os.path.abspath(path))
+    for key, value in data.items():
+        types = _TYPES[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            want = " or ".join(t.__name__ for t in types)
+            raise MachineError(f"config file {path!r}: {key} must be {want}, not {type(value).__name__} ({value!r})")
+        if key == "vfio" and not all(isinstance(v, str) for v in value):
+            raise MachineError(f"config file {path!r}: vfio must be a list of strings (PCI addresses)")
+        if key in _PATHS:
+            data[key] = os.path.join(base, os.path.expanduser(value))
+    return data
+
+
+def merge(file_fields: Dict[str, Any], overrides: Dict[str, Any]) -> MachineConfig:
+    """A MachineConfig from a file's fields and command-line values (``None`` = not given)."""
+    fields = dict(file_fields)
+    fields.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    if "kernel" not in fields:
+        raise MachineError("no kernel: give --kernel or `kernel = ...` in the config file")
+    return MachineConfig(**fields)

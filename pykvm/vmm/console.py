@@ -1,0 +1,279 @@
+"""The guest's console: where the 16550's output goes and where its input comes from.
+
+A :class:`Console` is an output sink (``write``) plus an input queue that an
+input thread feeds into the UART as its receive FIFO has room: the UART
+takes what fits (``feed`` returns the count) and calls ``rx_space`` when the
+guest has read, which wakes the input thread. Implementations:
+
+- :class:`StdioConsole`: this terminal. On a tty, stdin goes to raw mode (so
+  Ctrl-C reaches the guest) and ``Ctrl-A x`` quits, as in QEMU; ``Ctrl-A a``
+  sends a literal Ctrl-A. The terminal is restored by ``close()``, which the
+  machine calls on every way out, and by an ``atexit`` hook as a last resort.
+- :class:`FileConsole`: output appended to a file, no input (``file:PATH``).
+- :class:`BufferConsole`: output kept in memory, input given with ``send()``:
+  for tests and for programs driving a guest.
+
+:class:`ConsoleUart` is the 16550 model with the hooks the C run loop's
+transmit fast path asks for (see pykvm.vmm.runloop), so console output does
+not cost a trip through Python per byte.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import sys
+import termios
+import threading
+import tty
+from typing import Callable, List, Optional, Tuple
+
+from pykvm.vmm.devices.serial import (
+    IER_THRE, LCR_DLAB, LSR_BI, LSR_OE, MCR_LOOP, Serial16550,
+)
+
+ESCAPE = 0x01  # Ctrl-A
+ESCAPE_QUIT = ord("x")
+ESCAPE_LITERAL = ord("a")
+_POLL = 0.05  # seconds an input thread sleeps between checks for more room or data
+
+Feed = Callable[[bytes], int]
+
+
+class Console:
+    """Output sink and input queue. Subclasses implement ``write`` and may start a reader."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._feed: Optional[Feed] = None
+        self._pump: Optional[threading.Thread] = None
+        self.on_quit: Callable[[], None] = lambda: None  # the user asked to leave (escape key)
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def connect(self, feed: Feed) -> None:
+        """Start delivering input through ``feed`` (the UART's ``feed``)."""
+        self._feed = feed
+        self._pump = threading.Thread(target=self._pump_input, name="pykvm-console-input", daemon=True)
+        self._pump.start()
+
+    def rx_space(self) -> None:
+        """The guest read from the receive FIFO: there may be room for more input."""
+        self._wake.set()
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the guest to read from the UART."""
+        with self._lock:
+            self._pending += data
+        self._wake.set()
+
+    def _pump_input(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(_POLL)
+            self._wake.clear()
+            with self._lock:
+                data = bytes(self._pending)
+            if data and self._feed is not None:
+                taken = self._feed(data)
+                with self._lock:
+                    del self._pending[:taken]
+
+    def close(self) -> None:
+        """Stop the input thread (idempotent)."""
+        self._closed.set()
+        self._wake.set()
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join(1.0)
+
+
+class BufferConsole(Console):
+    """Output collected in memory (``output``), input from ``send()``."""
+
+    def __init__(self, echo: Optional[Callable[[bytes], None]] = None) -> None:
+        super().__init__()
+        self._out = bytearray()
+        self._cond = threading.Condition()
+        self._echo = echo
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._out += data
+            self._cond.notify_all()
+        if self._echo is not None:
+            self._echo(data)
+
+    @property
+    def output(self) -> bytes:
+        with self._cond:
+            return bytes(self._out)
+
+    def wait_for(self, needle: bytes, timeout: float) -> bool:
+        """Wait until ``needle`` appeared in the output; False after ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: needle in self._out, timeout)
+
+
+class FileConsole(Console):
+    """Output appended to ``path``; the guest gets no input."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        try:
+            self._file = open(path, "ab", buffering=0)
+        except OSError as exc:
+            raise ValueError(f"cannot open console file {path!r}: {exc.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def close(self) -> None:
+        super().close()
+        self._file.close()
+
+
+class StdioConsole(Console):
+    """This process's stdout and stdin; raw mode and the Ctrl-A escape on a terminal."""
+
+    def __init__(self, stdin: int = 0, stdout: int = 1) -> None:
+        super().__init__()
+        self._in, self._out = stdin, stdout
+        self._saved: Optional[list] = None
+        self._escape = False
+        self._reader: Optional[threading.Thread] = None
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._out, view):]
+        except BrokenPipeError:
+            pass
+
+    def connect(self, feed: Feed) -> None:
+        super().connect(feed)
+        if os.isatty(self._in):
+            self._saved = termios.tcgetattr(self._in)
+            atexit.register(self._restore)
+            tty.setraw(self._in)
+        self._reader = threading.Thread(target=self._read_input, name="pykvm-stdin", daemon=True)
+        self._reader.start()
+
+    def _read_input(self) -> None:
+        while not self._closed.is_set():
+            try:
+                ready, _, _ = select.select([self._in], [], [], _POLL * 4)
+                if not ready:
+                    continue
+                data = os.read(self._in, 1024)
+            except OSError:
+                return
+            if not data:
+                return  # EOF: no more input (e.g. stdin is /dev/null)
+            self.send(self._unescape(data) if self._saved is not None else data)
+
+    def _unescape(self, data: bytes) -> bytes:
+        out = bytearray()
+        for b in data:
+            if self._escape:
+                self._escape = False
+                if b == ESCAPE_QUIT:
+                    self.on_quit()
+                elif b in (ESCAPE_LITERAL, ESCAPE):
+                    out.append(ESCAPE)
+            elif b == ESCAPE:
+                self._escape = True
+            else:
+                out.append(b)
+        return bytes(out)
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            try:
+                termios.tcsetattr(self._in, termios.TCSADRAIN, self._saved)
+            except termios.error:
+                pass
+            self._saved = None
+
+    def close(self) -> None:
+        super().close()
+        self._restore()
+        atexit.unregister(self._restore)
+
+
+def open_console(spec: str) -> Console:
+    """``stdio``, ``file:PATH`` or ``none`` (output discarded) -> a Console."""
+    if spec == "stdio":
+        return StdioConsole()
+    if spec == "none":
+        return FileConsole(os.devnull)
+    if spec.startswith("file:") and len(spec) > 5:
+        return FileConsole(spec[5:])
+    raise ValueError(f"unknown console {spec!r}: use stdio, file:PATH or none")
+
+
+class ConsoleUart(Serial16550):
+    """The 16550 with the C run loop's fast-path hooks (duck-typed by pykvm.vmm.runloop).
+
+    ``fast_path_state()`` tells the C loop when a THR write is pure output and
+    when reading LSR has no side effect; every register access and every
+    ``feed`` republishes that to the listeners, under the model's lock so a
+    newer state is never overwritten by an older one. Each vCPU's C loop sets
+    ``fast_path_listener``; assignments accumulate (one per loop), so all
+    vCPUs see the UART's state.
+    """
+
+    def __init__(self, output: Callable[[bytes], None], irq: Optional[Callable[[bool], None]] = None,
+                 on_rx_space: Optional[Callable[[], None]] = None):
+        super().__init__(output, irq, on_rx_space)
+        self._listeners: List[Callable[[], None]] = []
+
+    @property
+    def fast_path_listener(self) -> Optional[Callable[[], None]]:
+        return self._listeners[-1] if self._listeners else None
+
+    @fast_path_listener.setter
+    def fast_path_listener(self, listener: Optional[Callable[[], None]]) -> None:
+        with self._lock:
+            if listener is not None:
+                self._listeners.append(listener)
+
+    def fast_path_state(self) -> Tuple[bool, int]:
+        """(a THR write only transmits, the LSR value if reading it has no side effect else -1)."""
+        with self._lock:
+            tx = not (self._lcr & LCR_DLAB or self._ier & IER_THRE or self._mcr & MCR_LOOP)
+            return tx, (-1 if self._lsr & (LSR_OE | LSR_BI) else self._lsr)
+
+    def emit(self, data: bytes) -> None:
+        """Bytes the guest wrote to THR through the C fast path."""
+        self._output(data)
+
+    def _publish(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            out = super().read(offset, size)
+            self._publish()
+        return out
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            super().write(offset, data)
+            self._publish()
+
+    def feed(self, data: bytes) -> int:
+        with self._lock:
+            taken = super().feed(data)
+            self._publish()
+        return taken
+
+
+def stderr_note(message: str) -> None:
+    """A VMM message on stderr that stays readable while the terminal is in raw mode."""
+    sys.stderr.write(message.replace("\n", "\r\n") + "\r\n")
+    sys.stderr.flush()

@@ -1,0 +1,426 @@
+"""The machine: a VM with RAM, a boot plan, legacy PC devices, PCI bus 0 and one thread per vCPU.
+
+``Machine(config)`` reads and checks everything first (kernel, initrd,
+command line, memory size, CPU count): any mistake raises a ``ValueError``
+subclass that says what to change, before a VM or vCPU exists. ``start()``
+builds the VM and starts the vCPUs, ``wait()`` returns how the run ended
+(a :class:`MachineExit`), ``close()`` tears it down; ``run()`` does all
+three.
+
+What the guest sees (a PC without ACPI, like kvmtool's and Firecracker's):
+
+- RAM below the 32-bit PCI hole and the rest above 4 GiB (pykvm.vmm.layout),
+  the kernel, zero page, command line and initrd as the boot plan says, and
+  an MP table listing every vCPU, the I/O APIC, the ISA IRQs and PCI INTx.
+- KVM's in-kernel irqchip (two 8259 PICs, an I/O APIC, a LAPIC per vCPU)
+  and i8254 PIT (with the port 0x61 speaker/gate handled in the kernel too).
+- COM1: a 16550A at 0x3F8, IRQ 4, wired to the console; the i8042 at
+  0x60/0x64 (only its reset line matters); the CMOS RTC at 0x70; port 0x80
+  (POST codes / Linux's I/O delay) answered in C; PCI configuration
+  mechanism #1 at 0xCF8/0xCFC with a host bridge at 00:00.0.
+
+How a run ends (``MachineExit.reason`` and the exit ``status``):
+
+- ``reset`` (0): the guest pulsed the i8042 reset line (Linux ``reboot`` with
+  ``reboot=k``, and a panic with ``panic=-1``) or KVM reported a
+  SYSTEM_EVENT reset.
+- ``poweroff`` (0): Linux without ACPI cannot switch itself off: its
+  ``poweroff`` becomes "halt" and leaves every CPU in HLT with interrupts
+  disabled. Each vCPU thread checks for that state four times a second (a
+  kick, KVM_GET_MP_STATE and RFLAGS.IF); when every vCPU is in it (or never
+  started) on two checks in a row, the machine has powered off. A
+  SYSTEM_EVENT shutdown counts the same.
+- ``triple-fault`` (2): KVM_EXIT_SHUTDOWN.
+- ``crash`` (3): SYSTEM_EVENT crash, or a reset after the console printed
+  ``Kernel panic`` (so a panicking Linux with ``panic=-1`` is not a success).
+- ``timeout`` (124), ``stopped`` (0, ``stop()`` or the console's escape key),
+  ``error`` (1: KVM_RUN failed, the entry failed, an exit nobody handles).
+
+PCI passthrough plugs in through :attr:`Machine.pci` (bus 0, BAR ranges on
+:attr:`mmio`/:attr:`pio`), :attr:`vm`, :attr:`memory` and :attr:`gsi`;
+``config.vfio`` devices are attached by
+``pykvm.vmm.pci.passthrough.attach(machine, device)`` between building the
+VM and writing the MP table, and closed before guest RAM goes away.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Union
+
+from pykvm._native import lib
+from pykvm.kvm import Kvm, Vcpu, Vm
+from pykvm.kvm.exits import Exit, SystemEventExit
+from pykvm.memory import GuestMemory, MemoryRegion
+from pykvm.vmm import cpu
+from pykvm.vmm.boot import BootPlan, plan_boot
+from pykvm.vmm.bus import Bus
+from pykvm.vmm.console import Console, ConsoleUart, open_console
+from pykvm.vmm.devices.i8042 import I8042
+from pykvm.vmm.devices.misc import CMOS_PORT, POST_PORT, Cmos
+from pykvm.vmm.devices.serial import COM1_IRQ, COM1_PORT, REGISTER_COUNT
+from pykvm.vmm.layout import MPTABLE_ADDR, Layout, memory_layout
+from pykvm.vmm.pci.allocator import BarAllocator
+from pykvm.vmm.pci.bus import PciBus
+from pykvm.vmm.pci.gsi import GsiRouter
+from pykvm.vmm.runloop import ConstantDevice, CRunLoop, PyRunLoop, RunLoop, RunStats, Status
+from pykvm.vmm.stats import BootTimes, TextWatch
+from pykvm.vmm.tables.mptable import MAX_CPUS, build_mptable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+# Guest-physical pages KVM needs on Intel (VMX real-mode TSS, 3 pages; EPT identity map,
+# 1 page), where QEMU and Firecracker put them: just below the BIOS ROM at the top of 4 GiB.
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+MARKER_PORT = 0x3F0  # a byte written here marks "guest reached its marker" (free on a PC without floppy)
+HALT_CHECK_INTERVAL = 0.25  # seconds between a vCPU's checks for "halted with interrupts off"
+HALT_CHECKS = 2  # consecutive checks that must agree before the machine counts as powered off
+PANIC_TEXT = b"Kernel panic - not syncing"
+JOIN_TIMEOUT = 5.0
+
+
+class MachineError(ValueError):
+    """The configuration cannot make a machine; the message says what to change."""
+
+
+class ExitReason(enum.Enum):
+    RESET = "reset"
+    POWEROFF = "poweroff"
+    TRIPLE_FAULT = "triple-fault"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+EXIT_STATUS = {
+    ExitReason.RESET: 0, ExitReason.POWEROFF: 0, ExitReason.STOPPED: 0, ExitReason.ERROR: 1,
+    ExitReason.TRIPLE_FAULT: 2, ExitReason.CRASH: 3, ExitReason.TIMEOUT: 124,
+}
+
+
+@dataclass(frozen=True)
+class MachineExit:
+    """How a run ended: the reason, the process exit status for it, and details."""
+
+    reason: ExitReason
+    detail: str = ""
+    vcpu: Optional[int] = None
+
+    @property
+    def status(self) -> int:
+        return EXIT_STATUS[self.reason]
+
+    def __str__(self) -> str:
+        where = f" (vcpu{self.vcpu})" if self.vcpu is not None else ""
+        return f"{self.reason.value}{where}{': ' + self.detail if self.detail else ''}"
+
+
+@dataclass
+class MachineConfig:
+    """Everything ``pykvm run`` and a VM config file can say about a machine."""
+
+    kernel: str
+    initrd: Optional[str] = None
+    cmdline: str = DEFAULT_CMDLINE
+    memory: Union[str, int] = "512M"
+    cpus: int = 1
+    console: str = "stdio"  # stdio | file:PATH | none
+    stats: bool = False
+    marker: Optional[str] = None  # console text whose first appearance is the boot marker
+    timeout: Optional[float] = None  # seconds; the run ends with status 124 after it
+    vfio: List[str] = field(default_factory=list)  # PCI devices to pass through (BDF or sysfs path)
+    loop: str = "c"  # "c": the C run loop; "python": the pure-Python loop
+
+
+def _read_file(path: Optional[str], what: str, hint: str) -> Optional[bytes]:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise MachineError(f"{what} {path!r} does not exist: {hint}") from None
+    except IsADirectoryError:
+        raise MachineError(f"{what} {path!r} is a directory: {hint}") from None
+    except OSError as exc:
+        raise MachineError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+
+
+class Machine:
+    """A VM built from a :class:`MachineConfig`; see the module documentation."""
+
+    def __init__(self, config: MachineConfig, console: Optional[Console] = None):
+        self.config = config
+        self.times = BootTimes()
+        if not isinstance(config.cpus, int) or not 1 <= config.cpus <= MAX_CPUS:
+            raise MachineError(f"--cpus must be between 1 and {MAX_CPUS} (got {config.cpus!r})")
+        if config.loop not in ("c", "python"):
+            raise MachineError(f"run loop {config.loop!r} is neither 'c' nor 'python'")
+        self.layout: Layout = memory_layout(config.memory)
+        kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux")
+        initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)")
+        self.plan: BootPlan = plan_boot(kernel, self.layout, config.cmdline, initrd)
+        self.console = console if console is not None else open_console(config.console)
+        self.console.on_quit = lambda: self.stop(ExitReason.STOPPED, "console escape key")
+
+        self.kvm: Optional[Kvm] = None
+        self.vm: Optional[Vm] = None
+        self.memory: Optional[GuestMemory] = None
+        self.vcpus: List[Vcpu] = []
+        self.pio = Bus("pio", 1 << 16)
+        self.mmio: Optional[Bus] = None
+        self.pci: Optional[PciBus] = None
+        self.gsi: Optional[GsiRouter] = None
+        self.uart: Optional[ConsoleUart] = None
+        self.loops: List[Union[CRunLoop, PyRunLoop]] = []
+        self._threads: List[threading.Thread] = []
+        self._closers: List[Callable[[], None]] = []  # devices to close before memory goes, last first
+        self._exit: Optional[MachineExit] = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._halt_votes: List[int] = []
+        self._panicked = False
+        self._watches: List[TextWatch] = [TextWatch(PANIC_TEXT, self._on_panic)]
+        if config.marker:
+            self._watches.append(TextWatch(config.marker.encode(), lambda: self.times.mark("guest marker")))
+
+    # -- building ------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the VM, its memory, devices and vCPUs (no vCPU runs yet)."""
+        if self.vm is not None:
+            return
+        cfg = self.config
+        self.kvm = Kvm()
+        if cfg.cpus > self.kvm.max_vcpus:
+            raise MachineError(f"this KVM allows at most {self.kvm.max_vcpus} vCPUs per VM (asked for {cfg.cpus})")
+        supported = self.kvm.supported_cpuid()
+        phys_bits = next((e.eax & 0xFF for e in supported if e.function == cpu.LEAF_EXT_ADDRESS), 36)
+        self.vm = vm = self.kvm.create_vm()
+        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vm.set_tss_addr(TSS_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+        self.gsi = GsiRouter(vm)
+        self.memory = GuestMemory([MemoryRegion(r.gpa, r.size, name=f"ram{i}") for i, r in enumerate(self.layout.ram)])
+        vm.map_memory(self.memory)
+        for addr, data in self.plan.writes:
+            self.memory.write(addr, data)
+        self.mmio = Bus("mmio", 1 << phys_bits)
+        self._legacy_devices()
+        allocator = BarAllocator.for_layout(*self.layout.mmio32, self.layout.mmio64_base, phys_bits)
+        self.pci = PciBus(allocator, mmio=self.mmio, pio=self.pio)
+        self.pci.register_ports(self.pio)
+        self._attach_passthrough()
+        self.memory.write(MPTABLE_ADDR, build_mptable(MPTABLE_ADDR, cfg.cpus, self.pci.intx_routes()))
+        desc = RunLoop(self.pio, self.mmio, handlers={
+            lib.KVM_EXIT_SHUTDOWN: self._on_shutdown,
+            lib.KVM_EXIT_SYSTEM_EVENT: self._on_system_event,
+        }, on_unhandled=self._on_unhandled)
+        for i in range(cfg.cpus):
+            vcpu = vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            cpu.configure_vcpu(vcpu, self.kvm, supported, cfg.cpus)
+            if i == 0:
+                cpu.set_boot_state(vcpu, self.plan)
+            self.loops.append(self._make_loop(desc, vcpu))
+        self._halt_votes = [0] * cfg.cpus
+        self.times.mark("vm built")
+
+    def _make_loop(self, desc: RunLoop, vcpu: Vcpu) -> Union[CRunLoop, PyRunLoop]:
+        if self.config.loop == "c":
+            try:
+                return CRunLoop(desc, vcpu)
+            except ValueError as exc:
+                log.warning("C run loop unavailable (%s): using the Python loop", exc)
+        return PyRunLoop(desc, vcpu)
+
+    def _legacy_devices(self) -> None:
+        vm = self.vm
+        self.uart = ConsoleUart(self._console_output, irq=lambda level: vm.irq_line(COM1_IRQ, int(level)),
+                                on_rx_space=self.console.rx_space)
+        self.pio.register(COM1_PORT, REGISTER_COUNT, self.uart, "com1")
+        i8042 = I8042(reset=lambda: self._finish_reset("i8042 reset line (reboot=k)"))
+        for port, length, dev in i8042.ports():
+            self.pio.register(port, length, dev, f"i8042-{port:#x}")
+        self.pio.register(CMOS_PORT, 2, Cmos(), "cmos")
+        self.pio.register(POST_PORT, 1, ConstantDevice(), "post-code")
+        self.pio.register(MARKER_PORT, 1, _MarkerPort(lambda: self.times.mark("guest marker")), "boot-marker")
+
+    def _attach_passthrough(self) -> None:
+        if not self.config.vfio:
+            return
+        try:
+            from pykvm.vmm.pci.passthrough import attach
+        except ImportError as exc:
+            raise MachineError(f"PCI passthrough (--vfio) is not available in this build: {exc}") from None
+        for device in self.config.vfio:
+            handle = attach(self, device)
+            self._closers.append(handle.close)
+
+    # -- guest events ------------------------------------------------------------------
+    def _console_output(self, data: bytes) -> None:
+        self.console.write(data)
+        for w in self._watches:
+            w.feed(data)
+
+    def _on_panic(self) -> None:
+        self._panicked = True
+
+    def _finish_reset(self, detail: str) -> None:
+        if self._panicked:
+            self._finish(MachineExit(ExitReason.CRASH, f"kernel panic, then {detail}"))
+        else:
+            self._finish(MachineExit(ExitReason.RESET, detail))
+
+    def _on_shutdown(self, ex: Exit) -> bool:
+        self._finish(MachineExit(ExitReason.TRIPLE_FAULT, "KVM_EXIT_SHUTDOWN (triple fault)"))
+        return True
+
+    def _on_system_event(self, ex: Exit) -> bool:
+        assert isinstance(ex, SystemEventExit)
+        kind = ex.type_name
+        if ex.type == lib.KVM_SYSTEM_EVENT_RESET:
+            self._finish_reset("SYSTEM_EVENT reset")
+        elif ex.type == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+            self._finish(MachineExit(ExitReason.POWEROFF, "SYSTEM_EVENT shutdown"))
+        elif ex.type == lib.KVM_SYSTEM_EVENT_CRASH:
+            self._finish(MachineExit(ExitReason.CRASH, "SYSTEM_EVENT crash"))
+        else:
+            self._finish(MachineExit(ExitReason.ERROR, f"SYSTEM_EVENT {kind}"))
+        return True
+
+    def _on_unhandled(self, ex: Exit) -> bool:
+        self._finish(MachineExit(ExitReason.ERROR, f"unhandled exit {ex.name}: {ex!r}"))
+        return True
+
+    def _finish(self, result: MachineExit) -> None:
+        """Record how the run ended (the first caller wins) and stop every vCPU."""
+        with self._lock:
+            if self._exit is None:
+                self._exit = result
+                self.times.mark("end")
+        for loop in self.loops:
+            loop.stop()
+        self._done.set()
+
+    def stop(self, reason: ExitReason = ExitReason.STOPPED, detail: str = "") -> None:
+        """End the run from any thread: every vCPU is kicked out of KVM_RUN."""
+        self._finish(MachineExit(reason, detail))
+
+    # -- running -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Build (if needed), connect the console and start one thread per vCPU."""
+        self.build()
+        self.console.connect(self.uart.feed)
+        for i in range(len(self.vcpus)):
+            t = threading.Thread(target=self._vcpu_thread, args=(i,), name=f"pykvm-vcpu{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _vcpu_thread(self, index: int) -> None:
+        loop, vcpu = self.loops[index], self.vcpus[index]
+        if index == 0:
+            self.times.mark("first vCPU entry")
+        try:
+            while not self._done.is_set():
+                result = loop.run_until(timeout=HALT_CHECK_INTERVAL)
+                if result.status in (Status.EXIT, Status.STOPPED):
+                    return
+                if result.status is Status.ERROR:
+                    self._finish(MachineExit(ExitReason.ERROR, f"KVM_RUN failed: {result.error}", index))
+                    return
+                if result.status in (Status.DEADLINE, Status.INTERRUPTED):
+                    self._check_halted(index, vcpu)
+        except Exception as exc:  # a VMM bug must end the run, not leave a dead thread
+            log.exception("vcpu%d thread failed", index)
+            self._finish(MachineExit(ExitReason.ERROR, f"vCPU thread failed: {exc!r}", index))
+
+    def _check_halted(self, index: int, vcpu: Vcpu) -> None:
+        dead = cpu.halted_for_good(vcpu) or (index > 0 and cpu.waiting_for_sipi(vcpu))
+        with self._lock:
+            self._halt_votes[index] = self._halt_votes[index] + 1 if dead else 0
+            powered_off = self._halt_votes[0] >= HALT_CHECKS and all(v >= HALT_CHECKS for v in self._halt_votes)
+        if powered_off:
+            self._finish(MachineExit(ExitReason.POWEROFF, "every vCPU halted with interrupts disabled"))
+
+    def wait(self, timeout: Optional[float] = None) -> MachineExit:
+        """Block until the run ends (or ``timeout`` seconds pass: then it ends as ``timeout``)."""
+        if not self._done.wait(timeout):
+            self._finish(MachineExit(ExitReason.TIMEOUT, f"no end after {timeout:g} s"))
+        for t in self._threads:
+            t.join(JOIN_TIMEOUT)
+            if t.is_alive():
+                log.error("%s did not stop within %.0f s", t.name, JOIN_TIMEOUT)
+        assert self._exit is not None
+        return self._exit
+
+    def run(self) -> MachineExit:
+        """start(), wait(config.timeout), close(): the whole life of the machine."""
+        try:
+            self.start()
+            return self.wait(self.config.timeout)
+        finally:
+            self.close()
+
+    @property
+    def exit(self) -> Optional[MachineExit]:
+        return self._exit
+
+    def exit_stats(self) -> List[RunStats]:
+        """Each vCPU's exit statistics (exits by reason, time in the guest and in the VMM)."""
+        return [loop.stats for loop in self.loops]
+
+    # -- teardown ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the vCPUs, then release in dependency order: console, devices, vCPUs, VM, RAM."""
+        if self._threads and not self._done.is_set():
+            self.stop(ExitReason.STOPPED, "machine closed")
+        for t in self._threads:
+            t.join(JOIN_TIMEOUT)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self.console.close()
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:
+                log.exception("closing a device failed")
+        if self._threads:
+            log.error("vCPU threads still running; leaving the VM open")
+            return
+        for vcpu in self.vcpus:
+            vcpu.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.kvm is not None:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _MarkerPort:
+    """Port device: any byte written marks the guest's boot marker; reads as 0xFF."""
+
+    def __init__(self, on_mark: Callable[[], None]):
+        self._on_mark = on_mark
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._on_mark()
+
+
+__all__ = ["Machine", "MachineConfig", "MachineExit", "ExitReason", "MachineError", "DEFAULT_CMDLINE",
+           "MARKER_PORT", "EXIT_STATUS"]
