@@ -215,11 +215,12 @@ def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optio
     return result
 
 
-def persist_lines(root: Root, bdf: str, *, whole_group: bool = False) -> List[str]:
+def persist_lines(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optional[str] = None) -> List[str]:
     """The modprobe.d and initramfs lines that bind the device (or its group) to vfio-pci at every boot.
 
     ``options vfio-pci ids=`` claims every device with those IDs; ``softdep X pre:
-    vfio-pci`` loads vfio-pci before the host driver so it wins the race.
+    vfio-pci`` loads vfio-pci before the host driver so it wins the race (for a device
+    already on vfio-pci, the host driver is the one :func:`bind` remembered).
     """
     ids = PciIds.load(root)
     dev = read_device(root, bdf, ids)
@@ -230,7 +231,9 @@ def persist_lines(root: Root, bdf: str, *, whole_group: bool = False) -> List[st
     elif whole_group:
         devices = [d for d in group_of(root, dev, ids).devices if not d.is_bridge]
     id_list = ",".join(sorted({d.ids for d in devices}))
-    drivers = sorted({d.driver for d in devices if d.driver and d.driver != VFIO_DRIVER})
+    host_drivers = [(_load_state(root, state_dir, d.bdf) or {}).get("driver") if d.driver == VFIO_DRIVER else d.driver
+                    for d in devices]
+    drivers = sorted({drv for drv in host_drivers if drv})
     config = read_kernel_config(root)
     modules = _initramfs_modules(config)
     lines += [

@@ -106,7 +106,22 @@ class _Host:
 
     @property
     def intel(self) -> bool:
+        """An Intel CPU (kvm_intel)."""
         return self.cpu_vendor == "GenuineIntel" or "vmx" in self.cpu_flags
+
+    @property
+    def intel_iommu(self) -> bool:
+        """Is the IOMMU Intel VT-d (DMAR) rather than AMD-Vi?  The kernel's own evidence
+        (/sys/class/iommu/dmar* or ivhd*, DMAR/AMD-Vi log lines, intel_iommu=) wins over the
+        CPU vendor: an emulated machine can pair an AMD CPU with an Intel IOMMU."""
+        units = self.root.listdir("/sys/class/iommu")
+        if any(u.startswith("dmar") for u in units) or self.log_lines(re.compile(r"^DMAR")):
+            return True
+        if any(u.startswith("ivhd") for u in units) or self.log_lines(re.compile(r"^AMD-Vi")):
+            return False
+        if self.cmdline and self.cmdline.get("intel_iommu") is not None:
+            return True
+        return self.intel
 
     def log_lines(self, pattern: "re.Pattern[str]") -> List[str]:
         return [m for m in self.log or () if pattern.search(m)]
@@ -173,12 +188,12 @@ def check_kconfig(h: _Host) -> List[CheckItem]:
         else:
             items.append(CheckItem(symbol, FAIL, f"not set in {h.config.source}: {what}",
                                    f"use a kernel built with {symbol}=y or =m (distribution kernels have it)"))
-    symbol = "CONFIG_INTEL_IOMMU" if h.intel else "CONFIG_AMD_IOMMU"
+    symbol = "CONFIG_INTEL_IOMMU" if h.intel_iommu else "CONFIG_AMD_IOMMU"
     value = h.config.value(symbol)
     if value in ("y", "m"):
         items.append(CheckItem(symbol, PASS, "IOMMU driver built in"))
     else:
-        items.append(CheckItem(symbol, FAIL, f"not set in {h.config.source}: no IOMMU driver for this {h.cpu_vendor or 'CPU'}",
+        items.append(CheckItem(symbol, FAIL, f"not set in {h.config.source}: no driver for this machine's IOMMU",
                                f"use a kernel built with {symbol}=y"))
     return items
 
@@ -189,7 +204,7 @@ def check_iommu_cmdline(h: _Host) -> CheckItem:
         return CheckItem(name, WARN, "/proc/cmdline unreadable", "")
     if "off" in h.cmdline.options("iommu"):
         return CheckItem(name, FAIL, "iommu=off", "remove iommu=off from the kernel command line")
-    if h.intel:
+    if h.intel_iommu:
         opts = h.cmdline.options("intel_iommu")
         if "on" in opts:
             return CheckItem(name, PASS, f"intel_iommu={h.cmdline.get('intel_iommu')}")

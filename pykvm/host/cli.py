@@ -77,7 +77,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
     root = _root(args)
     try:
         if args.persist:
-            print("\n".join(persist_lines(root, args.bdf, whole_group=args.group)))
+            print("\n".join(persist_lines(root, args.bdf, whole_group=args.group, state_dir=args.state_dir)))
             return 0
         result = bind(root, args.bdf, whole_group=args.group, allow_split=args.allow_split, state_dir=args.state_dir)
     except HostError as exc:

@@ -222,6 +222,13 @@ def test_persist_prints_modprobe_and_initramfs_lines(tree, capsys):
     assert snapshot(tree) == before and tree.root.writes == []
 
 
+def test_persist_after_bind_names_the_remembered_host_driver(tree):
+    tree.lab_like()
+    bind(tree.root, NVME)
+    tree.link(f"/sys/devices/pci0000:00/{NVME}/driver", "../../../bus/pci/drivers/vfio-pci")
+    assert "softdep nvme pre: vfio-pci" in persist_lines(tree.root, NVME)
+
+
 def test_bdf_error_is_a_value_error():
     with pytest.raises(ValueError):
         raise BdfError("x")

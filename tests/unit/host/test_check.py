@@ -86,9 +86,22 @@ def test_iommu_command_line_variants_intel(tree, cmdline, config, status, words)
     assert (item.status, words in item.detail) == (status, True), item
 
 
+def test_amd_cpu_with_an_intel_iommu_is_judged_by_the_iommu(tree):
+    """The lab's L1: TCG's CPU says AuthenticAMD/svm, the emulated IOMMU is Intel VT-d."""
+    tree.lab_like()
+    tree.cpu("AuthenticAMD", "fpu svm lm")
+    tree.kconfig({**tree.READY_CONFIG, "CONFIG_AMD_IOMMU": "n"})
+    items, report = statuses(tree)
+    assert items["IOMMU on the command line"].detail == "intel_iommu=on"
+    assert items["CONFIG_INTEL_IOMMU"].status == "PASS" and "CONFIG_AMD_IOMMU" not in items
+    tree.file("/proc/cmdline", "quiet intel_iommu=off\n")
+    assert statuses(tree)[0]["IOMMU on the command line"].status == "FAIL"
+
+
 def test_iommu_command_line_amd(tree):
     tree.lab_like()
     tree.cpu("AuthenticAMD", "fpu svm lm")
+    tree.kmsg("AMD-Vi: Found IOMMU cap 0x40", "AMD-Vi: Interrupt remapping enabled")
     tree.file("/proc/cmdline", "quiet\n")
     assert statuses(tree)[0]["IOMMU on the command line"].status == "PASS"
     tree.file("/proc/cmdline", "amd_iommu=off\n")
