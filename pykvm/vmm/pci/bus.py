@@ -82,6 +82,9 @@ class PciFunction:
     def bar_moved(self, index: int, old: Optional[BarWindow], new: Optional[BarWindow]) -> None:
         pass
 
+    def plugged(self, slot: int, intx_gsi: Optional[int]) -> None:
+        """Called once the bus gave the function ``slot``; ``intx_gsi`` is the IOAPIC pin its INTx drives."""
+
 
 class HostBridge(PciFunction):
     """Device 00:00.0: a host bridge with no BARs (Linux looks for one when it probes mechanism #1)."""
@@ -137,8 +140,10 @@ class PciBus:
                 raise ValueError(f"PCI slot {slot} is {'taken' if slot in self.functions else 'not 1-31'}")
             self.functions[slot] = function
             intx = function.config.get(INTERRUPT_PIN, 1)
-            if 1 <= intx <= 4:
-                function.config.set(INTERRUPT_LINE, 1, self.ioapic_pin(slot, intx - 1))
+            gsi = self.ioapic_pin(slot, intx - 1) if 1 <= intx <= 4 else None
+            if gsi is not None:
+                function.config.set(INTERRUPT_LINE, 1, gsi)
+            function.plugged(slot, gsi)
             if place_bars and self.allocator is not None:
                 self._place_bars(slot, function)
             return slot
