@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pykvm.kvm import HltExit, IoExit, Vcpu
@@ -156,9 +156,10 @@ def map_4k(mem: GuestMemory, pml4: int, virt: int, phys: int, next_table: list) 
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=15)
-@given(virt_page=st.integers(0x100, (1 << 36) - 1).map(lambda p: p << 12), value=st.integers(0, (1 << 64) - 1))
+@example(virt_page=(1 << 47) - 0x1000, value=(1 << 64) - 1)  # the last canonical lower-half page
+@given(virt_page=st.integers(0x100, (1 << 35) - 1).map(lambda p: p << 12), value=st.integers(0, (1 << 64) - 1))
 def test_long_mode_4_level_paging_64_bit_registers(kvm, virt_page, value):
-    """Any canonical lower-half page maps through four levels; 64-bit arithmetic is intact."""
+    """Any canonical lower-half page (bit 47 clear) maps through four levels; 64-bit arithmetic is intact."""
     code = bytes.fromhex(
         "48 8b 03"        # mov rax, [rbx]      ; through the page tables
         "48 01 c0"        # add rax, rax
