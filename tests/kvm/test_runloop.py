@@ -308,3 +308,37 @@ def test_run_on_a_closed_vcpu_raises_instead_of_touching_its_page(vm, loop_cls):
     cpu.close()
     with pytest.raises(OSError):
         loop.run_until(timeout=1)
+
+
+def test_two_vcpus_share_the_uart_ring_without_losing_bytes(vm):
+    """Each vCPU thread runs its own C loop; both append to the machine's one UART ring."""
+    m = Machine()
+    n = 300
+
+    def spin(ch: int) -> bytes:  # mov cx,n; mov dx,COM1; mov al,ch; l: out dx,al; loop l; hlt
+        return b"\xB9" + le(n, 2) + b"\xBA" + le(COM1_PORT, 2) + bytes([0xB0, ch]) + b"\xEE\xE2\xFD" + HLT
+
+    cpu0, mem = real_mode_vcpu(vm, spin(ord("a")))
+    mem.write(0x2000, spin(ord("b")))
+    cpu1 = vm.create_vcpu(1)
+    s = cpu1.get_sregs()
+    s.cs.base = s.cs.selector = 0
+    cpu1.set_sregs(s)
+    r = cpu1.get_regs()
+    r.rip, r.rflags = 0x2000, 2
+    cpu1.set_regs(r)
+    desc = RunLoop(m.pio, m.mmio)
+    loops = [CRunLoop(desc, cpu0), CRunLoop(desc, cpu1)]
+    results = [None, None]
+
+    def run(i):
+        results[i] = loops[i].run_until(timeout=20)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [r.exit.name for r in results] == ["HLT", "HLT"]
+    assert sorted(bytes(m.console)) == sorted(b"a" * n + b"b" * n)
+    assert sum(loop.stats.c_handled["IO"] for loop in loops) == 2 * n
