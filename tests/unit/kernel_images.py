@@ -17,7 +17,7 @@ import pytest
 
 from pykvm.lab.image import cache_root
 
-NO_KERNEL = "no Debian kernel in the lab cache: run `python3 -m pykvm lab prepare` (or `pykvm lab prepare`)"
+NO_KERNEL = "no Debian kernel in the lab cache: run `python3 -m pykvm lab prepare`"
 
 
 @functools.lru_cache(maxsize=1)
