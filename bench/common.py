@@ -70,6 +70,7 @@ def report(title: str, baseline_name: str, results: Dict[str, float], unit: str,
         out["results"][name] = {"value": value, "ratio": ratio, "target": target,
                                 "met": None if target is None else ratio <= target}
     if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(out, f, indent=2)
     return out

@@ -304,23 +304,24 @@ class PyRunLoop(_Loop):
         left = max_exits
         vcpu, desc = self.vcpu, self.desc
         now = time.monotonic_ns
+        last_slot, last_exit = -1, 0  # VMM time counts from an exit to the next entry, as in C
         while True:
             if self._stopped:
                 return RunResult(Status.STOPPED)
             t0 = now()
+            if last_slot >= 0:
+                self._handle_ns[last_slot] += t0 - last_exit
             try:
                 ex = vcpu.run()
             except OSError as exc:
                 return RunResult(Status.ERROR, error=exc)
-            t1 = now()
-            slot = min(ex.reason, NREASONS - 1)
-            self._exits[slot] += 1
-            self._run_ns[slot] += t1 - t0
+            last_exit = now()
+            last_slot = min(ex.reason, NREASONS - 1)
+            self._exits[last_slot] += 1
+            self._run_ns[last_slot] += last_exit - t0
             if ex.reason == lib.KVM_EXIT_INTR:
                 return RunResult(Status.INTERRUPTED, ex)
-            stop = desc.dispatch(ex)
-            self._handle_ns[slot] += now() - t1
-            if stop:
+            if desc.dispatch(ex):
                 return RunResult(Status.EXIT, ex)
             if left is not None:
                 left -= 1
@@ -328,7 +329,7 @@ class PyRunLoop(_Loop):
                     return RunResult(Status.MAX_EXITS, ex)
             if predicate is not None and predicate():
                 return RunResult(Status.PREDICATE, ex)
-            if deadline is not None and t1 >= deadline:
+            if deadline is not None and last_exit >= deadline:
                 return RunResult(Status.DEADLINE, ex)
 
     @property
