@@ -72,7 +72,7 @@ from pykvm.vmm.tables.mptable import MAX_CPUS, build_mptable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=noearly"
 # Guest-physical pages KVM needs on Intel (VMX real-mode TSS, 3 pages; EPT identity map,
 # 1 page), where QEMU and Firecracker put them: just below the BIOS ROM at the top of 4 GiB.
 TSS_ADDR = 0xFFFB_D000
