@@ -117,6 +117,27 @@ def _devices_to_move(dev: PciDevice, group: IommuGroup, whole_group: bool, allow
     return targets, others
 
 
+def _disks_in_use(root: Root, bdf: str) -> List[str]:
+    """Block devices below ``bdf`` that are mounted, used as swap or held by device-mapper/md:
+    unbinding the controller would pull them from under the host."""
+    mounts = {}
+    for table in ("/proc/self/mounts", "/proc/swaps"):
+        for line in (root.read_text(table) or "").splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0].startswith("/dev/"):
+                mounts.setdefault(fields[0][5:], "swap" if table == "/proc/swaps" else f"mounted at {fields[1]}")
+    busy = []
+    for name in root.listdir("/sys/class/block"):
+        if f"/{bdf}/" not in os.path.realpath(root(f"/sys/class/block/{name}")):
+            continue
+        holders = root.listdir(f"/sys/class/block/{name}/holders")
+        if name in mounts:
+            busy.append(f"/dev/{name} ({mounts[name]})")
+        elif holders:
+            busy.append(f"/dev/{name} (held by {', '.join(holders)})")
+    return busy
+
+
 def bind(root: Root, bdf: str, *, whole_group: bool = False, allow_split: bool = False,
          state_dir: Optional[str] = None) -> BindResult:
     """Bind ``bdf`` (or its whole IOMMU group) to vfio-pci, remembering the drivers it had."""
@@ -128,6 +149,11 @@ def bind(root: Root, bdf: str, *, whole_group: bool = False, allow_split: bool =
     targets, others = _devices_to_move(dev, group, whole_group, allow_split)
     result = BindResult(group.number, left_behind=[f"{d.bdf} ({d.driver})" for d in others])
     for d in targets:
+        busy = _disks_in_use(root, d.bdf) if d.driver != VFIO_DRIVER else []
+        if busy:
+            raise HostError(f"{d.bdf} ({d.driver}) carries disks the host uses: {', '.join(busy)}",
+                            "unmount them (swapoff, vgchange -an, ...) first; a controller holding the root "
+                            "file system cannot be passed through")
         if d.driver_override not in (None, VFIO_DRIVER):
             raise HostError(f"{d.bdf} is already claimed for {d.driver_override} (its driver_override)",
                             f"clear it first: pykvm host restore {d.bdf}, or echo > {devices_dir(d.bdf)}/driver_override")

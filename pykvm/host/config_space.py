@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 __all__ = ["Capability", "Region", "parse_capabilities", "parse_resources"]
 
@@ -168,6 +168,3 @@ def human_size(n: int) -> str:
             return f"{n >> shift}{unit}"
     return str(n)
 
-
-def vendor_capability(caps: List[Capability], cap_id: int) -> Optional[Capability]:
-    return next((c for c in caps if not c.extended and c.id == cap_id), None)

@@ -7,7 +7,7 @@ import struct
 from pykvm.cli import main
 from pykvm.host.groups import format_groups, list_groups
 from pykvm.host.show import format_device, show_device
-from test_parsers import PCI_IDS
+from tests.unit.host.sysfs_tree import PCI_IDS
 
 
 def shared_machine(tree):

@@ -18,6 +18,7 @@ from pykvm.cli import main
 from pykvm.host.bdf import BdfError
 from pykvm.host.bind import bind, persist_lines, restore
 from pykvm.host.sysfs import HostError, Root
+from tests.unit.host.sysfs_tree import SysTree
 
 NVME = "0000:00:05.0"
 DEV = f"/sys/bus/pci/devices/{NVME}"
@@ -116,6 +117,26 @@ def test_bind_bad_input_is_refused_with_nothing_changed(tree, capsys, args, mess
     err = capsys.readouterr().err
     assert message in err and "fix:" in err and "Traceback" not in err
     assert snapshot(tree) == before and not tree.path("/run/pykvm").exists()
+
+
+def test_bind_refuses_a_controller_whose_disks_are_in_use(tree):
+    tree.lab_like()
+    disk = f"../../devices/pci0000:00/{NVME}/nvme/nvme0/nvme0n1"
+    tree.dir(f"/sys/devices/pci0000:00/{NVME}/nvme/nvme0/nvme0n1/nvme0n1p1/holders")
+    tree.dir(f"/sys/devices/pci0000:00/{NVME}/nvme/nvme0/nvme0n1/holders")
+    tree.link("/sys/class/block/nvme0n1", disk)
+    tree.link("/sys/class/block/nvme0n1p1", disk + "/nvme0n1p1")
+    tree.file("/proc/self/mounts", "proc /proc proc rw 0 0\n/dev/nvme0n1p1 / ext4 rw,relatime 0 0\n")
+    before = snapshot(tree)
+    with pytest.raises(HostError, match=r"carries disks the host uses: /dev/nvme0n1p1 \(mounted at /\)") as err:
+        bind(tree.root, NVME)
+    assert "unmount" in err.value.fix and tree.root.writes == [] and snapshot(tree) == before
+    tree.file("/proc/self/mounts", "proc /proc proc rw 0 0\n")
+    tree.link(f"/sys/devices/pci0000:00/{NVME}/nvme/nvme0/nvme0n1/holders/dm-0", "../../../../../../virtual/block/dm-0")
+    with pytest.raises(HostError, match=r"/dev/nvme0n1 \(held by dm-0\)"):
+        bind(tree.root, NVME)
+    tree.path(f"/sys/devices/pci0000:00/{NVME}/nvme/nvme0/nvme0n1/holders/dm-0").unlink()
+    assert bind(tree.root, NVME).changes[0].bdf == NVME  # nothing in use: allowed
 
 
 def test_bind_needs_vfio_pci_loaded(tree):
@@ -269,8 +290,6 @@ def run_as_nobody(argv):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_no_permission_is_refused_with_nothing_changed():
     """The CLI as 'nobody' against a root-owned tree (sysfs attributes are root-only, 0644)."""
-    from conftest import SysTree
-
     base = Path(tempfile.mkdtemp(prefix="pykvm-host-perm-"))
     try:
         os.chmod(base, 0o755)

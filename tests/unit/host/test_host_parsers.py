@@ -13,6 +13,7 @@ from pykvm.host.check import parse_size
 from pykvm.host.config_space import parse_capabilities, parse_resources
 from pykvm.host.kernel import Cmdline, parse_cmdline, parse_kconfig, parse_kmsg
 from pykvm.host.pci_ids import PciIds
+from tests.unit.host.sysfs_tree import PCI_IDS
 
 # -- BDF ------------------------------------------------------------------------
 
@@ -167,19 +168,6 @@ def test_kmsg_records_and_plain_lines():
     assert parse_kmsg(text) == ["DMAR: IOMMU enabled", "a;b", "plain line"]
 
 
-PCI_IDS = """# pci.ids sample
-1234  Technical Corp.
-\t11e8  Edu device
-1b36  Red Hat, Inc.
-\t0010  QEMU NVM Express Controller
-\t\t1af4 1100  QEMU Virtual Machine
-C 00  Unclassified device
-\tff  Unclassified device
-C 01  Mass storage controller
-\t08  Non-Volatile memory controller
-\t\t01  NVMHCI
-\t\t02  NVM Express
-"""
 
 
 def test_pci_ids_names_and_class_fallback():
