@@ -4,13 +4,16 @@ A memslot registered with ``KVM_MEM_LOG_DIRTY_PAGES`` gets a bitmap, one bit
 per page. KVM write-protects the slot's pages (or uses the CPU's dirty bits /
 PML); the first guest write to a page sets its bit. ``KVM_GET_DIRTY_LOG``
 copies the bitmap out, clears it and write-protects those pages again, so
-each call answers "written since the previous call". Reads never set a bit.
+each call answers "written since the previous call". The log may err on the
+safe side, never the other: with EPT/NPT, a page the guest *reads* before
+touching it in any other way can be mapped writable at once and reported
+dirty too; a read of a page KVM has already mapped and re-protected never is.
 
 Live migration is built on this: copy all memory, then repeatedly copy only
 the pages dirtied meanwhile until the remainder is small enough to stop the VM.
 
-The guest writes pages 1, 4 and 9 of a 16-page slot and reads page 7, reports
-in with an ``out``, then writes pages 4 and 15 and halts.
+The guest writes pages 1, 4 and 9 of a 16-page slot, reports in with an
+``out``, then writes pages 4 and 15, reads page 9, and halts.
 
 Run: python3 examples/08_dirty_log.py
 """
@@ -30,10 +33,10 @@ CODE = bytes.fromhex(
     "c6 06 00 10 01"  # mov byte ptr [0x1000], 1    ; page 1
     "c6 06 00 40 01"  # mov byte ptr [0x4000], 1    ; page 4
     "c6 06 00 90 01"  # mov byte ptr [0x9000], 1    ; page 9
-    "a0 00 70"        # mov al, [0x7000]            ; page 7: only read
     "e6 10"           # out 0x10, al                ; round 1 done: exit to the host
     "c6 06 00 40 02"  # mov byte ptr [0x4000], 2    ; page 4 again
     "c6 06 00 f0 02"  # mov byte ptr [0xf000], 2    ; page 15
+    "a0 00 90"        # mov al, [0x9000]            ; page 9: only read this round
     "f4"              # hlt
 )
 

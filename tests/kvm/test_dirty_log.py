@@ -1,5 +1,6 @@
-"""Dirty-page logging on the real /dev/kvm: exact page sets and counts per round, reads not
-counted, bitmaps wider than one 64-bit word, and manual protection with KVM_CLEAR_DIRTY_LOG."""
+"""Dirty-page logging on the real /dev/kvm: exact page sets and counts per round, reads of
+mapped pages not counted, bitmaps wider than one 64-bit word, and manual protection with
+KVM_CLEAR_DIRTY_LOG."""
 from __future__ import annotations
 
 import errno
@@ -52,14 +53,20 @@ pages = st.lists(st.integers(0, SLOT_PAGES - 1), max_size=12)
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=25)
-@given(first=pages, second=pages, read_only=pages)
-def test_dirty_log_is_exactly_the_pages_written_each_round(kvm, first, second, read_only):
-    code = touch(first) + touch(read_only, write=False) + OUT + touch(second, value=2) + HLT
+@given(first=pages, first_reads=pages, second=pages, second_reads=pages)
+def test_dirty_log_is_exactly_the_pages_written_each_round(kvm, first, first_reads, second, second_reads):
+    """Round 1 may also report pages whose first touch was a read (EPT/NPT map them writable
+    at once, PVM's shadow paging does not); round 2 reads only pages KVM has already mapped
+    and re-protected, so its log is exact."""
+    second_reads = [p for p in second_reads if p in first or p in first_reads]
+    code = touch(first) + touch(first_reads, write=False) + OUT
+    code += touch(second, value=2) + touch(second_reads, write=False) + HLT
     with kvm.create_vm() as vm:
         cpu, region = logged_vm(vm, code)
         assert vm.get_dirty_log(SLOT).tolist() == []
         run_round(cpu, IoExit)
-        assert vm.get_dirty_log(SLOT).tolist() == sorted(set(first))
+        log = set(vm.get_dirty_log(SLOT).tolist())
+        assert set(first) <= log <= set(first) | set(first_reads)
         run_round(cpu, HltExit)
         log = vm.get_dirty_log(SLOT)
         assert log.tolist() == sorted(set(second)) and len(log) == len(set(second))
