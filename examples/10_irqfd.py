@@ -17,9 +17,10 @@ written by a second thread while the vCPU sleeps in ``hlt``.
 
 The guest runs in real mode, where the interrupt descriptor table is the
 interrupt vector table at address 0 (entry n: 4 bytes of offset:segment at
-n * 4; ``lidt`` could move it). It points vector 0x25 at its handler, programs the master PIC (IRQ 0-7 -> vectors 0x20-0x27, only IRQ 5
-unmasked), enables interrupts and halts. The handler writes its vector to port
-0x10, acknowledges the PIC (EOI) and returns to ``hlt``.
+n * 4; ``lidt`` could move it). It points vector 0x25 at its handler, programs
+the master PIC (IRQ 0-7 -> vectors 0x20-0x27, only IRQ 5 unmasked), enables
+interrupts and halts. The handler writes its vector to port 0x10, acknowledges
+the PIC (EOI) and returns to ``hlt``.
 
 Run: python3 examples/10_irqfd.py
 """
@@ -73,6 +74,8 @@ def wait_for_vector(g, inject, how: str) -> None:
     fired.start()
     out = expect(g.vcpu.run(timeout=5), IoExit)
     fired.join()
+    if out.port != VECTOR_PORT:
+        raise SystemExit(f"expected the handler's report on port {VECTOR_PORT:#x}, got {out!r}")
     print(f"{how}: the handler reported vector {out.value:#x} on port {out.port:#x} "
           f"{time.monotonic() - start:.2f} s after KVM_RUN began")
 
@@ -86,8 +89,11 @@ def main() -> None:
         efd = os.eventfd(0, os.EFD_CLOEXEC)
         try:
             g.vm.irqfd(efd, GSI)
-            print(f"KVM_IRQFD: eventfd {efd} -> GSI {GSI} (master PIC IRQ {GSI}: vector {VECTOR:#x} once the guest programs the PIC)")
+            print(f"KVM_IRQFD: eventfd {efd} -> GSI {GSI} "
+                  f"(master PIC IRQ {GSI}: vector {VECTOR:#x} once the guest programs the PIC)")
             ready = g.run_io()
+            if ready.port != READY_PORT:
+                raise SystemExit(f"expected the guest's ready signal on port {READY_PORT:#x}, got {ready!r}")
             print(f"exit IO: port {ready.port:#x}: guest set up its IVT and PIC, now sti; hlt")
 
             exit_ = expect(g.vcpu.run(timeout=0.3), InterruptedExit)
