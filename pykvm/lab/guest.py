@@ -3,7 +3,11 @@
 L1 boots Debian's kernel with our initramfs. Its ``/init`` (busybox sh) mounts the host's
 root (9p tag ``hostroot``, read-only) and the per-run writable share (tag ``labout``),
 loads the modules, then runs ``job.sh`` from the share inside a chroot of the host root,
-so the command sees the host's Python and checkout. ``/tmp`` there is a fresh tmpfs
+so the command sees the host's Python and checkout, with the lab kernel's config at
+``/boot/config-<release>`` and, where the host has a ``/lib/modules`` to mount over, its
+modules at ``/lib/modules/<release>`` (paths from the files ``kernel-config`` and
+``kernel-modules`` in the job dir; ``$PYKVM_LAB_MODULES_DIR`` names the modules in any
+case), and a writable ``/run``. ``/tmp`` there is a fresh tmpfs
 (with the host's ``/tmp`` entries listed in ``tmp-keep`` bound back, so a checkout under
 ``/tmp`` stays visible) and the writable share appears at ``/tmp/lab-out``.
 
@@ -31,7 +35,7 @@ L1_MODULES = [
 
 HOST_TAG = "hostroot"
 OUT_TAG = "labout"
-JOB_DIR = ".pykvm"          # inside the writable share: token, job.sh, tmp-keep
+JOB_DIR = ".pykvm"          # inside the writable share: token, job.sh, tmp-keep, kernel-*
 FAIL_PREFIX = "PYKVM-LAB-FAIL"
 
 L1_INIT = r"""#!/bin/sh
@@ -50,6 +54,18 @@ mount -t 9p -o $opts,ro,cache=loose __HOST_TAG__ /host || fail "cannot mount the
 mount -t 9p -o $opts __OUT_TAG__ /out || fail "cannot mount the writable share (9p tag __OUT_TAG__)"
 job=/out/__JOB_DIR__
 token=$(cat $job/token) || fail "no run token in the writable share"
+# The lab kernel's modules and config where tools in the chroot look for them; a writable /run.
+release=$(uname -r)
+if [ -f $job/kernel-modules ] && [ -d /host/lib/modules ]; then
+    mount -t tmpfs -o mode=755 tmpfs /host/lib/modules && mkdir -p /host/lib/modules/$release \
+        && mount --bind "/host$(cat $job/kernel-modules)" /host/lib/modules/$release \
+        || echo "pykvm-lab: warning: cannot show the kernel's modules at /lib/modules/$release"
+fi
+if [ -f $job/kernel-config ]; then
+    mount -t tmpfs -o mode=755 tmpfs /host/boot && cp "/host$(cat $job/kernel-config)" /host/boot/config-$release \
+        || echo "pykvm-lab: warning: cannot show the kernel's config at /boot/config-$release"
+fi
+mount -t tmpfs -o mode=755 tmpfs /host/run || echo "pykvm-lab: warning: /run stays read-only"
 mount --bind /host/tmp /orig-tmp
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "cannot mount tmpfs on /tmp"
 for name in $(cat $job/tmp-keep 2>/dev/null); do

@@ -12,15 +12,18 @@ unpacked with ``dpkg -x``; ``depmod -b`` then writes ``modules.dep`` for the unp
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from pykvm.lab.devices import NVME_DISK_SIZE, NVME_SECTOR_SIZE, nvme_sector
 from pykvm.lab.guest import L1_MODULES, l1_init_script
@@ -36,6 +39,7 @@ TOOLS: Dict[str, str] = {
 }
 _KERNEL_RE = re.compile(r"^\s*Depends:\s*linux-image-(\d+\.\d+\.\d+-\d+-amd64)\s*$", re.M)
 _STAMP = ".complete"
+_STALE_AFTER = 24 * 3600  # seconds before an initramfs of an older init is removed
 
 
 class LabUnavailable(RuntimeError):
@@ -218,7 +222,9 @@ def ensure_initrd(version: str, modules_dir: Path, busybox: Path, progress: Prog
         return path
     progress(f"building L1 initramfs ({', '.join(L1_MODULES)})")
     for stale in path.parent.glob("l1-initrd-*.img"):
-        stale.unlink()
+        # Another process may have prepared a lab with an older init and boot it later.
+        if time.time() - stale.stat().st_mtime > _STALE_AFTER:
+            stale.unlink()
     build_initramfs(path, init, L1_MODULES, modules_dir=modules_dir, busybox=busybox)
     return path
 
@@ -244,9 +250,28 @@ def ensure_disk(progress: Progress) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _cache_lock(progress: Progress) -> Iterator[None]:
+    """Serialise preparation between processes (several test runs may start at once)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another process preparing {root}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def prepare(*, install: bool = False, progress: Progress = stderr_progress) -> LabImage:
     """Make the lab bootable: tools, kernel, initramfs, disk. Raises LabUnavailable."""
     tools = ensure_tools(install, progress)
+    with _cache_lock(progress):
+        return _prepare_locked(tools, progress)
+
+
+def _prepare_locked(tools: Dict[str, Path], progress: Progress) -> LabImage:
     version = resolve_kernel_version(progress)
     tree = ensure_kernel(version, progress)
     modules_dir = modules_dir_of(tree, version)

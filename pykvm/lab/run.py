@@ -94,11 +94,11 @@ class Lab:
             modules_dir=self.modules_dir, busybox=self.image.busybox,
         )
 
-    @staticmethod
-    def _env(extra: Optional[Mapping[str, str]], interactive: bool = False) -> Dict[str, str]:
+    def _env(self, extra: Optional[Mapping[str, str]], interactive: bool = False) -> Dict[str, str]:
         """The command's environment; PYKVM_LAB_CACHE lets ``Lab.prepare()`` inside L1
-        find this (read-only) cache, e.g. for the kernel an L2 guest boots."""
-        extra = {"PYKVM_LAB_CACHE": str(cache_root()), **(extra or {})}
+        find this (read-only) cache, e.g. for the kernel an L2 guest boots;
+        PYKVM_LAB_MODULES_DIR is the running kernel's lib/modules/<release>."""
+        extra = {"PYKVM_LAB_CACHE": str(cache_root()), "PYKVM_LAB_MODULES_DIR": str(self.modules_dir), **(extra or {})}
         return guest.lab_env(os.environ, extra, interactive=interactive)
 
     def _write_job(self, out_dir: Path, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
@@ -107,6 +107,10 @@ class Lab:
         job.mkdir(parents=True, exist_ok=True)
         (job / "token").write_text(token + "\n")
         (job / "job.sh").write_text(guest.job_script(argv, cwd, env))
+        (job / "kernel-modules").write_text(f"{self.modules_dir}\n")
+        config = self.kernel_path.with_name(f"config-{self.kernel_version}")
+        if config.exists():
+            (job / "kernel-config").write_text(f"{config}\n")
         keep = guest.tmp_keep([cwd, *argv[:1], str(cache_root())])
         (job / "tmp-keep").write_text("\n".join(keep) + "\n")
         return token
