@@ -99,7 +99,8 @@ def test_04_long_mode_computes_64_bits_through_4_levels(kvm):
                    "KVM_TRANSLATE 0xffff800000000000 -> physical 0xf000 valid=1",
                    "exit IO: out port 0x10 values 0xaaccef10, 0x22446688",
                    "64-bit result: 0x22446688aaccef10",
-                   "host reads 0x1122334455667788 at physical 0xf000 (the guest wrote it at virtual 0xffff800000000000)")
+                   "host reads 0x1122334455667788 at physical 0xf000 "
+                   "(the guest wrote it at virtual 0xffff800000000000)")
     assert re.search(r"^sregs: cr0=0x8000001[13] cr3=0x2000 cr4=0x20 efer=0x5\d\d cs.l=1 cs.db=0$", out, re.M)
 
 

@@ -61,7 +61,8 @@ def run_collecting(cpu: Vcpu) -> List[tuple]:
 def out_loop(n: int, size: int) -> bytes:
     """mov dx, PORT ; mov cx, n ; L: out dx, al|ax|eax ; loop L ; hlt"""
     out = {1: b"\xee", 2: b"\xef", 4: b"\x66\xef"}[size]
-    return bytes([0xBA, PORT & 0xFF, PORT >> 8, 0xB9, n & 0xFF, n >> 8]) + out + bytes([0xE2, -(len(out) + 2) & 0xFF, 0xF4])
+    head = bytes([0xBA, PORT & 0xFF, PORT >> 8, 0xB9, n & 0xFF, n >> 8])
+    return head + out + bytes([0xE2, -(len(out) + 2) & 0xFF, 0xF4])  # loop back over out and itself
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=20)
