@@ -1,0 +1,84 @@
+"""pykvm boots Debian's stock kernel in L2 (runs inside L1, where KVM can boot Linux).
+
+The L2 initramfs is busybox with an /init that prints a marker and ``nproc``,
+then powers off (or reboots). ``pykvm run`` runs in a subprocess with a
+timeout; its exit status and console output are what is checked.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+MARKER = "PYKVM-L2-BOOTED"
+# quiet: every console byte is two exits (LSR poll, THR write), and exits are costly in
+# nested KVM; pci=noearly: the lab's TCG CPU is AMD family 0xF, for which Linux probes
+# the GART with ~65536 early PCI config reads (2 exits each) before anything else.
+CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=noearly quiet"
+MEMORY = "256M"
+BOOT_TIMEOUT = 240
+
+INIT = """#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "{marker} nproc=$(nproc)"
+{action}
+"""
+
+
+def l2_initramfs(lab, path: Path, action: str = "poweroff -f") -> Path:
+    """A busybox initramfs whose /init prints ``MARKER nproc=N`` and then runs ``action``."""
+    lab.build_initramfs(path, INIT.format(marker=MARKER, action=action), [])
+    return path
+
+
+def pykvm_run(kernel: Path, initrd: Path, cpus: int, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "pykvm", "run", "--kernel", str(kernel), "--initrd", str(initrd),
+            "--cpus", str(cpus), "--memory", MEMORY, "--cmdline", CMDLINE, "--console", "stdio",
+            "--timeout", str(timeout), "--marker", MARKER, "--stats"]
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                          timeout=timeout + 60, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from pykvm.lab import Lab
+
+    return Lab.prepare(progress=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def images(lab, tmp_path_factory):
+    d = tmp_path_factory.mktemp("l2")
+    return {"poweroff": l2_initramfs(lab, d / "poweroff.img"), "reboot": l2_initramfs(lab, d / "reboot.img", "reboot -f")}
+
+
+def check_booted(p: subprocess.CompletedProcess, cpus: int, how: str) -> None:
+    detail = f"exit {p.returncode}\n--- stdout (tail) ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, detail
+    assert f"{MARKER} nproc={cpus}" in p.stdout, detail
+    assert f"guest {how}" in p.stderr, detail
+    assert "guest marker" in p.stderr and "exits by reason" in p.stderr, detail
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_debian_kernel_boots_to_init_and_powers_off(lab, images, cpus):
+    p = pykvm_run(lab.kernel_path, images["poweroff"], cpus)
+    check_booted(p, cpus, "poweroff")
+
+
+def test_guest_reboot_ends_the_run_cleanly(lab, images):
+    p = pykvm_run(lab.kernel_path, images["reboot"], 2)
+    check_booted(p, 2, "reset")
+
+
+def test_missing_initrd_is_refused_before_the_guest_runs(lab, tmp_path):
+    p = pykvm_run(lab.kernel_path, tmp_path / "absent.img", 1, timeout=30)
+    assert p.returncode == 2 and "does not exist" in p.stderr and p.stdout == ""
