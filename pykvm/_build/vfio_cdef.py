@@ -97,11 +97,42 @@ struct vfio_iommu_type1_dma_unmap { __u32 argsz; __u32 flags; __u64 iova; __u64 
 
 /* eventfd(2) for Pythons before 3.10 (no os.eventfd) */
 int eventfd(unsigned int initval, int flags);
+
+/* MAP_DMA/UNMAP_DMA without building the struct in Python (the map/unmap hot path). */
+int pykvm_vfio_map_dma(int fd, uint32_t flags, void *vaddr, uint64_t iova, uint64_t size);
+long long pykvm_vfio_unmap_dma(int fd, uint64_t iova, uint64_t size);
 """
 
 SOURCE = r"""
 #include <linux/pci_regs.h>
 #include <sys/eventfd.h>
+#include <unistd.h>
+
+/* Refuses (EINVAL, before the ioctl) what is not aligned to the CPU page size;
+   the caller explains why. Returns the ioctl's result, errno set on failure. */
+static int pykvm_vfio_map_dma(int fd, uint32_t flags, void *vaddr, uint64_t iova, uint64_t size)
+{
+    static uint64_t page_mask;
+    if (!page_mask)
+        page_mask = (uint64_t)sysconf(_SC_PAGESIZE) - 1;
+    if ((((uint64_t)(uintptr_t)vaddr) | iova | size) & page_mask || !size) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct vfio_iommu_type1_dma_map map = {
+        .argsz = sizeof(map), .flags = flags, .vaddr = (uintptr_t)vaddr, .iova = iova, .size = size,
+    };
+    return ioctl(fd, VFIO_IOMMU_MAP_DMA, &map);
+}
+
+/* Returns the number of bytes the kernel unmapped, or -1 with errno set. */
+static long long pykvm_vfio_unmap_dma(int fd, uint64_t iova, uint64_t size)
+{
+    struct vfio_iommu_type1_dma_unmap unmap = {.argsz = sizeof(unmap), .iova = iova, .size = size};
+    if (ioctl(fd, VFIO_IOMMU_UNMAP_DMA, &unmap) < 0)
+        return -1;
+    return (long long)unmap.size;
+}
 #if defined(__has_include)
 # if __has_include(<linux/iommufd.h>)
 #  define PYKVM_HAVE_IOMMUFD_H 1

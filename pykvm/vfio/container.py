@@ -18,7 +18,7 @@ from pykvm._native import ffi, lib
 from pykvm.errors import VfioError
 from pykvm.vfio.caps import query_info, read_array, read_struct, walk_chain
 from pykvm.vfio.errors import VfioUnavailableError, vfio_error
-from pykvm.vfio.iova import Range, format_ranges, in_ranges, merge_ranges
+from pykvm.vfio.iova import Range, format_ranges, merge_ranges
 
 if TYPE_CHECKING:
     from pykvm.vfio.group import Group
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["Container", "DmaMapping", "IommuInfo", "Migration", "parse_iommu_caps", "CONTAINER_PATH"]
 
 CONTAINER_PATH = "/dev/vfio/vfio"
+_READ, _WRITE = lib.VFIO_DMA_MAP_FLAG_READ, lib.VFIO_DMA_MAP_FLAG_WRITE
 
 
 @dataclass(frozen=True)
@@ -80,19 +81,21 @@ class DmaMapping:
     device) until unmapped.
     """
 
-    __slots__ = ("container", "iova", "size", "vaddr", "readable", "writable", "buffer", "_pin")
+    __slots__ = ("container", "buffer", "_pin", "iova", "size", "readable", "writable")
 
     def __init__(self, container: "Container", buffer: Any, pin: Any, iova: int, size: int,
                  readable: bool, writable: bool):
-        self.container = container
-        self.buffer = buffer
-        self._pin = pin
-        self.vaddr = int(ffi.cast("uintptr_t", pin))
+        self.container, self.buffer, self._pin = container, buffer, pin
         self.iova, self.size, self.readable, self.writable = iova, size, readable, writable
 
     @property
     def mapped(self) -> bool:
         return self._pin is not None
+
+    @property
+    def vaddr(self) -> Optional[int]:
+        """The host virtual address the device reaches at ``iova`` (None once unmapped)."""
+        return None if self._pin is None else int(ffi.cast("uintptr_t", self._pin))
 
     def unmap(self) -> None:
         """Unmap from the IOMMU (idempotent; a no-op once the container dropped it)."""
@@ -193,32 +196,37 @@ class Container(FdObject):
         """Map ``buffer`` (page-aligned memory: an mmap, a numpy array of one) at ``iova``.
 
         ``readable``/``writable`` say what the device may do. The returned mapping keeps
-        the buffer alive until it is unmapped.
+        the buffer alive until it is unmapped. This is a hot path (see
+        bench/vfio_map_dma.py): checks that cost nothing run first, explanations only
+        on failure.
         """
-        self._need_iommu("VFIO_IOMMU_MAP_DMA")
-        pin = ffi.from_buffer(buffer, require_writable=writable)
-        size = len(pin) if size is None else size
-        vaddr = int(ffi.cast("uintptr_t", pin))
-        if (vaddr | iova | size) & (mmap.PAGESIZE - 1) or not 0 < size <= len(pin):
-            raise vfio_error(errno.EINVAL, f"map_dma needs page-aligned vaddr ({vaddr:#x}), iova ({iova:#x}) "
-                                           f"and size ({size:#x}) within the buffer ({len(pin):#x} bytes); "
-                                           "allocate buffers with mmap (or DmaAllocator)", "VFIO_IOMMU_MAP_DMA")
-        ranges = self.iova_ranges
-        if not in_ranges(ranges, iova, size):
+        if self._iommu_type is None:
+            self._need_iommu("VFIO_IOMMU_MAP_DMA")
+        pin = ffi.from_buffer("char[]", buffer, writable)  # positional: measurably cheaper
+        if size is None:
+            size = len(pin)
+        elif size > len(pin):
+            raise vfio_error(errno.EINVAL, f"size {size:#x} exceeds the buffer ({len(pin):#x} bytes)",
+                             "VFIO_IOMMU_MAP_DMA")
+        last = iova + size - 1
+        for lo, hi in self._ranges or self.iova_ranges:
+            if lo <= iova and last <= hi:
+                break
+        else:
             raise vfio_error(errno.EINVAL, f"IOVA [{iova:#x}, {iova + size:#x}) is outside the container's usable "
-                                           f"IOVA ranges {format_ranges(ranges)}", "VFIO_IOMMU_MAP_DMA")
-        arg = ffi.new("struct vfio_iommu_type1_dma_map *")
-        arg.argsz = ffi.sizeof(arg[0])
-        arg.flags = (lib.VFIO_DMA_MAP_FLAG_READ if readable else 0) | (lib.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
-        arg.vaddr, arg.iova, arg.size = vaddr, iova, size
-        ret = lib.pykvm_ioctl_ptr(self._fd, lib.VFIO_IOMMU_MAP_DMA, arg)
-        if ret < 0:
-            raise self._map_error(ffi.errno, iova, size)
-        mapping = DmaMapping(self, buffer, pin, iova, size, readable, writable)
-        self._mappings[iova] = mapping
+                                           f"IOVA ranges {format_ranges(self.iova_ranges)}", "VFIO_IOMMU_MAP_DMA")
+        flags = (_READ if readable else 0) | (_WRITE if writable else 0)
+        if lib.pykvm_vfio_map_dma(self._fd, flags, pin, iova, size) < 0:
+            raise self._map_error(ffi.errno, pin, iova, size)
+        mapping = self._mappings[iova] = DmaMapping(self, buffer, pin, iova, size, readable, writable)
         return mapping
 
-    def _map_error(self, err: int, iova: int, size: int) -> VfioError:
+    def _map_error(self, err: int, pin: Any, iova: int, size: int) -> VfioError:
+        vaddr = int(ffi.cast("uintptr_t", pin))
+        if err == errno.EINVAL and ((vaddr | iova | size) & (mmap.PAGESIZE - 1) or not size):
+            return vfio_error(err, f"map_dma needs page-aligned vaddr ({vaddr:#x}), iova ({iova:#x}) and a "
+                                   f"non-zero page-multiple size ({size:#x}); allocate buffers with mmap (or "
+                                   "DmaAllocator)", "VFIO_IOMMU_MAP_DMA")
         if err == errno.EEXIST:
             clash = [m for m in self._mappings.values() if m.iova < iova + size and iova < m.iova + m.size]
             what = ", ".join(f"[{m.iova:#x}, {m.iova + m.size:#x})" for m in clash) or "a mapping made elsewhere"
@@ -237,20 +245,18 @@ class Container(FdObject):
 
         Unmapping nothing is an error (FileNotFoundError), as is cutting a mapping in two.
         """
-        self._need_iommu("VFIO_IOMMU_UNMAP_DMA")
-        arg = ffi.new("struct vfio_iommu_type1_dma_unmap *")
-        arg.argsz = ffi.sizeof(arg[0])
-        arg.iova, arg.size = iova, size
-        if lib.pykvm_ioctl_ptr(self._fd, lib.VFIO_IOMMU_UNMAP_DMA, arg) < 0:
+        if self._iommu_type is None:
+            self._need_iommu("VFIO_IOMMU_UNMAP_DMA")
+        done = lib.pykvm_vfio_unmap_dma(self._fd, iova, size)
+        if done < 0:
             err = ffi.errno
             hint = " (the range cuts a mapping in two: unmap whole mappings)" if err == errno.EINVAL else ""
             raise vfio_error(err, f"unmap of [{iova:#x}, {iova + size:#x}) failed: {os.strerror(err)}{hint}",
                              "VFIO_IOMMU_UNMAP_DMA")
-        done = arg.size
         mapping = self._mappings.get(iova)
-        if mapping is not None and mapping.size == size:
+        if mapping is not None and mapping.size == size:  # the usual case: one whole mapping
             del self._mappings[iova]
-            mapping._forget()
+            mapping._pin = mapping.buffer = None
         else:
             for m in [m for m in self._mappings.values() if iova <= m.iova and m.iova + m.size <= iova + size]:
                 del self._mappings[m.iova]

@@ -1,0 +1,128 @@
+"""VFIO DMA map/unmap rate: pykvm's Container.map_dma/unmap_dma against the same ioctls in C.
+
+Each iteration maps one anonymous buffer (4 KiB or 2 MiB) at IOVA 0x100000 for the
+edu device's container and unmaps it again; the kernel pins and unpins the pages
+and updates the (emulated) IOMMU's page tables each time. Variants interleave over
+a few rounds; the median per map+unmap pair is reported. Target: pykvm within 1.2x
+of C.
+
+Needs real VFIO: with no /dev/vfio/vfio here it boots the lab and runs itself in L1
+(binding edu to vfio-pci there, and back afterwards). ``--json PATH`` lands on the
+host either way.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import sys
+
+from common import compile_c, median, parser, report, run_c, temp_dir, time_ns  # puts the checkout on sys.path
+
+IOVA = 0x100000
+SIZES = {"4 KiB": 4096, "2 MiB": 2 << 20}
+TARGET = 1.2
+
+
+def pykvm_pair_ns(container, buffer, n: int) -> float:
+    """Mean ns per map_dma + unmap_dma of ``buffer`` through pykvm."""
+    map_dma, unmap_dma, size = container.map_dma, container.unmap_dma, len(buffer)
+
+    def body():
+        for _ in range(n):
+            map_dma(buffer, IOVA)
+            unmap_dma(IOVA, size)
+    return time_ns(body) / n
+
+
+def pykvm_run(group_number: int, size: int, n: int) -> float:
+    """Open the group like the C program does, then time n pairs on a private anonymous buffer (as in C)."""
+    from pykvm.vfio import Container, Group
+
+    with Container() as c, Group(group_number) as g:
+        g.set_container(c)
+        c.set_iommu()
+        buffer = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        pykvm_pair_ns(c, buffer, 10)  # warm up: fault the pages in
+        ns = pykvm_pair_ns(c, buffer, n)
+    buffer.close()
+    return ns
+
+
+def measure(args) -> dict:
+    from pykvm.host.bind import bind, restore
+    from pykvm.host.sysfs import Root
+    from pykvm.lab import EDU_BDF
+
+    state = "/tmp/pykvm-bench-bind"
+    bind(Root(), EDU_BDF, state_dir=state)
+    try:
+        samples = {f"{kind} {label}": [] for label in SIZES for kind in ("C", "pykvm")}
+        with temp_dir() as tmp:
+            binary = compile_c("c/vfio_map_dma.c", tmp)
+            group_number = int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{EDU_BDF}/iommu_group")))
+            for round_ in range(args.rounds):
+                for label, size in SIZES.items():
+                    n = args.iterations if size == 4096 else max(1, args.iterations // 4)
+                    # alternate who goes first, so a change of load does not favour one side
+                    for kind in (("C", "pykvm") if round_ % 2 == 0 else ("pykvm", "C")):
+                        if kind == "C":
+                            samples[f"C {label}"].append(float(run_c(binary, group_number, size, n, hex(IOVA))))
+                        else:
+                            samples[f"pykvm {label}"].append(pykvm_run(group_number, size, n))
+    finally:
+        restore(Root(), EDU_BDF, state_dir=state)
+    return samples
+
+
+def in_lab(args) -> int:
+    """Run this script inside L1 and bring its JSON back."""
+    from pykvm.lab import Lab, LabError, LabUnavailable
+
+    argv = [sys.executable, os.path.abspath(__file__), "-n", str(args.iterations), "--rounds", str(args.rounds),
+            "--json", "@lab"]
+    try:
+        lab = Lab.prepare(progress=lambda m: print(f"[lab] {m}", file=sys.stderr))
+        result = lab.run(argv, timeout=1200, stream=print)
+    except (LabUnavailable, LabError) as exc:
+        print(f"bench: needs VFIO, and the lab could not run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        produced = result.out_dir / "vfio_map_dma.json"
+        if args.json and produced.exists():
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            shutil.copy(produced, args.json)
+    finally:
+        shutil.rmtree(result.out_dir, ignore_errors=True)
+    return result.returncode
+
+
+def main() -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("-n", "--iterations", type=int, default=2000, help="4 KiB map+unmap pairs per measurement "
+                                                                       "(2 MiB: a quarter of it)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    args = p.parse_args()
+    if not os.path.exists("/dev/vfio/vfio") and os.environ.get("PYKVM_IN_LAB") != "1":
+        return in_lab(args)
+    json_path = os.path.join(os.environ["PYKVM_LAB_OUT"], "vfio_map_dma.json") if args.json == "@lab" else args.json
+    samples = measure(args)
+    load = os.getloadavg()[0]
+    print(f"load average {load:.2f} on {os.cpu_count()} CPUs; fastest round: "
+          + ", ".join(f"{k} {min(v) / 1000:.1f}" for k, v in samples.items()) + " us/pair")
+    out = {}
+    for label in SIZES:
+        results = {f"C {label}": median(samples[f"C {label}"]) / 1000,
+                   f"pykvm {label}": median(samples[f"pykvm {label}"]) / 1000}
+        out[label] = report(f"VFIO map_dma+unmap_dma of {label} ({args.rounds} rounds, median)", f"C {label}",
+                            results, "us/pair", {f"pykvm {label}": TARGET})
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"iterations": args.iterations, "rounds": args.rounds, "loadavg": load, "reports": out,
+                       "samples_us": {k: [x / 1000 for x in v] for k, v in samples.items()}}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
