@@ -25,7 +25,7 @@ from typing import List, Optional
 
 from common import median, parser, report, temp_dir  # puts the checkout on sys.path
 
-from tests.lab.test_boot_linux import CMDLINE, MARKER, MEMORY, l2_initramfs
+from tests.lab.test_boot_linux import CMDLINE, MARKER, MEMORY, l2_initramfs, lab_kernel
 
 TIMEOUT = 300.0
 
@@ -68,17 +68,15 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    from pykvm.lab import Lab
-
     if not os.path.exists("/dev/kvm"):
         raise SystemExit("bench: no /dev/kvm: run inside the lab (python3 -m pykvm lab run -- python3 bench/boot_time.py)")
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
-    lab = Lab.prepare(progress=lambda message: None)
+    kernel_path, _ = lab_kernel()
+    kernel = str(kernel_path)
     with temp_dir() as tmp:
-        initrd = l2_initramfs(lab, Path(tmp) / "l2.img")
-        kernel = str(lab.kernel_path)
+        initrd = l2_initramfs(Path(tmp) / "l2.img")
         mem_mb = MEMORY.rstrip("M")
         variants = {
             "qemu -accel kvm": [qemu, "-accel", "kvm", "-cpu", "host", "-m", mem_mb, "-smp", str(args.cpus),
@@ -93,7 +91,7 @@ def main() -> None:
                 times[name].append(time_to_marker(argv))
                 print(f"round {r + 1}: {name}: {times[name][-1]:.2f} s", flush=True)
     results = {name: median(ts) for name, ts in times.items()}
-    report(f"Boot to the guest marker in L2 (Debian {lab.kernel_version}, {MEMORY}, {args.cpus} vCPU, "
+    report(f"Boot to the guest marker in L2 (Debian {os.uname().release}, {MEMORY}, {args.cpus} vCPU, "
            f"median of {args.rounds}; load {os.getloadavg()[0]:.2f})",
            "qemu -accel kvm", results, "s", {"pykvm run": 1.0},
            extra={"rounds": times, "cmdline": CMDLINE}, json_path=args.json)
