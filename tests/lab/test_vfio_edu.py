@@ -106,6 +106,7 @@ def test_iommu_info_reports_ranges_around_the_msi_window(edu):
     assert info.page_sizes & PAGE
     assert info.iova_ranges and all(not (s <= 0xFEE00000 <= e) for s, e in info.iova_ranges)
     assert info.dma_avail and info.dma_avail > 1000
+    assert info.migration is not None and info.migration.pgsize_bitmap & PAGE  # type1 dirty tracking
     assert edu.container.check_extension(lib.VFIO_TYPE1v2_IOMMU) == 1
 
 
@@ -184,6 +185,32 @@ def test_msi_arrives_on_an_eventfd(edu):
         edu.bar0.write32(IRQ_RAISE, 0x1)
         assert ev.wait(0.3) is None  # disabled: no more signals
         edu.bar0.write32(IRQ_ACK, 0x1)
+
+
+def test_intx_is_automasked_and_unmask_redelivers(edu):
+    """INTx is level-triggered: the kernel masks it on delivery; unmasking while the
+    device still asserts it signals again; an explicit mask holds a new one back."""
+    info = edu.device.irq_info(lib.VFIO_PCI_INTX_IRQ_INDEX)
+    assert info.count == 1 and info.automasked and info.maskable
+    with EventFd() as ev:
+        edu.device.set_irqs(lib.VFIO_PCI_INTX_IRQ_INDEX, [ev])
+        try:
+            edu.bar0.write32(IRQ_RAISE, 0x1)
+            assert ev.wait(5.0) == 1
+            assert ev.wait(0.3) is None  # masked by the kernel until we unmask
+            edu.device.unmask(lib.VFIO_PCI_INTX_IRQ_INDEX)  # still asserted: delivered again
+            assert ev.wait(5.0) == 1
+            edu.bar0.write32(IRQ_ACK, 0x1)  # the device lowers the line
+            edu.device.unmask(lib.VFIO_PCI_INTX_IRQ_INDEX)
+            assert ev.wait(0.3) is None
+            edu.device.mask(lib.VFIO_PCI_INTX_IRQ_INDEX)
+            edu.bar0.write32(IRQ_RAISE, 0x2)
+            assert ev.wait(0.3) is None  # held back by our mask
+            edu.device.unmask(lib.VFIO_PCI_INTX_IRQ_INDEX)
+            assert ev.wait(5.0) == 1
+            edu.bar0.write32(IRQ_ACK, 0x2)
+        finally:
+            edu.device.disable_irqs(lib.VFIO_PCI_INTX_IRQ_INDEX)
 
 
 def test_errors_are_clear_and_leave_the_device_usable(edu):
