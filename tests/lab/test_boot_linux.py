@@ -17,15 +17,15 @@ import pytest
 
 from pykvm.lab.image import cache_root
 from pykvm.lab.initramfs import build_initramfs
+from pykvm.vmm.machine import DEFAULT_CMDLINE
 
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "PYKVM-L2-BOOTED"
-# quiet: every console byte is two exits (LSR poll, THR write), and exits are costly in
-# nested KVM; pci=noearly: the lab's TCG CPU is AMD family 0xF, for which Linux probes
-# the GART with ~65536 early PCI config reads (2 exits each) before anything else.
-CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=noearly quiet"
+# pykvm's default command line plus quiet: every console byte is two exits (LSR poll, THR
+# write), and exits are costly in nested KVM (see DEFAULT_CMDLINE for pci=noearly and i8042.noaux).
+CMDLINE = DEFAULT_CMDLINE + " quiet"
 MEMORY = "256M"
 BOOT_TIMEOUT = 240
 
