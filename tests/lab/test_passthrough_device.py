@@ -25,7 +25,7 @@ from pykvm.vmm.pci.allocator import BarAllocator
 from pykvm.vmm.pci.bus import PciBus
 from pykvm.vmm.pci.config import BASE_ADDRESS_0, COMMAND, ROM_ADDRESS, BarKind
 from pykvm.vmm.pci.gsi import GsiRouter
-from pykvm.vmm.pci.passthrough import INTX, MSI, MSIX, PassthroughError, VfioPciDevice
+from pykvm.vmm.pci.passthrough import PassthroughError, VfioPciDevice
 
 pytestmark = pytest.mark.lab
 
@@ -180,13 +180,13 @@ def test_edu_msi_is_routed_by_irqfd_into_the_lapic(machine, bound):
     dev = open_device(m, bound(EDU_BDF))
     try:
         slot = m.pci.add(dev)
-        assert dev._active == INTX  # no MSI yet: INTx wired to the slot's IOAPIC pin
+        assert dev.interrupt_mode == "intx"  # no MSI yet: INTx wired to the slot's IOAPIC pin
         o = dev.msi.offset
         cfg = lambda off, size, value: m.pci.config_write(0, slot, 0, off, size, value)  # noqa: E731
         cfg(o + 4, 4, 0xFEE0_0000)
         cfg(o + (0xC if dev.msi.is64 else 0x8), 2, 0x0031)
         cfg(o + 2, 2, 0x1)
-        assert dev._active == MSI
+        assert dev.interrupt_mode == "msi" and list(dev.routed_vectors()) == [0]
         assert len(m.router.routes()) == len(m.vm.default_irqchip_routes()) + 1
         cfg(COMMAND, 2, 0x6)  # memory + bus master: an MSI is a memory write by the device
         [memslot] = dev.memslots(0)
@@ -196,7 +196,7 @@ def test_edu_msi_is_routed_by_irqfd_into_the_lapic(machine, bound):
         assert wait_for(lambda: irr() == 1, timeout=5), "MSI 0x31 never reached the LAPIC's IRR"
         ctypes.c_uint32.from_address(base + 0x64).value = 0x1  # acknowledge
         cfg(o + 2, 2, 0x0)
-        assert dev._active == INTX and m.router.routes() == m.vm.default_irqchip_routes()
+        assert dev.interrupt_mode == "intx" and m.router.routes() == m.vm.default_irqchip_routes()
     finally:
         dev.close()
         vcpu.close()
@@ -249,8 +249,7 @@ def test_nvme_msix_table_pages_trap_and_the_rest_is_mapped(machine, bound):
         m.mmio.write(bar.address + entry + 8, (0x41).to_bytes(4, "little"))
         m.mmio.write(bar.address + entry + 12, (0).to_bytes(4, "little"))
         cfg(msix.offset + 2, 2, 0x8000)
-        assert dev._active == MSIX and len(dev._fds) == msix.size
-        assert dev._attached == [i == 1 for i in range(msix.size)]
+        assert dev.interrupt_mode == "msix" and list(dev.routed_vectors()) == [1]
         msi_routes = m.router.routes()[len(m.vm.default_irqchip_routes()):]
         assert [(r.address, r.data) for r in msi_routes] == [(0xFEE0_0000, 0x41)]
         m.mmio.write(bar.address + entry + 8, (0x42).to_bytes(4, "little"))  # data rewritten

@@ -110,7 +110,11 @@ class _BarAccess:
 
 
 class PciBus:
-    """Bus 0 with its host bridge; ``mmio``/``pio`` are the machine buses BAR ranges go on."""
+    """Bus 0 with its host bridge; ``mmio``/``pio`` are the machine buses BAR ranges go on.
+
+    The MMIO bus's limit must cover the allocator's 64-bit window (``1 << phys_bits``):
+    a BAR whose range the bus refuses stays unmapped.
+    """
 
     def __init__(self, allocator: Optional[BarAllocator] = None, mmio: Optional[Bus] = None,
                  pio: Optional[Bus] = None, host_bridge: Optional[PciFunction] = None):

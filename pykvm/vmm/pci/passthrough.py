@@ -404,6 +404,16 @@ class VfioPciDevice(PciFunction):
             if self._active is None:
                 self._enable_intx()
 
+    @property
+    def interrupt_mode(self) -> str:
+        """What vfio-pci delivers now: ``"none"``, ``"intx"``, ``"msi"`` or ``"msix"``."""
+        return {None: "none", INTX: "intx", MSI: "msi", MSIX: "msix"}[self._active]
+
+    def routed_vectors(self) -> Dict[int, int]:
+        """Vector -> GSI for the MSI/MSI-X vectors whose irqfd is attached (unmasked) now."""
+        with self._irq_lock:
+            return {v: g for v, (g, on) in enumerate(zip(self._gsis, self._attached)) if on}
+
     def _irqs_changed(self, index: int) -> None:
         want = self.msi.vectors() if index == MSI else self.msix.vectors()
         try:
