@@ -33,8 +33,14 @@ class LabError(RuntimeError):
     """L1 did not run the command to completion; ``console_tail`` shows why."""
 
     def __init__(self, message: str, console_tail: str = "") -> None:
-        super().__init__(f"{message}\n--- last console lines ---\n{console_tail}" if console_tail else message)
+        super().__init__(message)
+        self.message = message
         self.console_tail = console_tail
+
+    def __str__(self) -> str:
+        if not self.console_tail:
+            return self.message
+        return f"{self.message}\n--- last console lines ---\n{self.console_tail}"
 
 
 class LabTimeout(LabError):
@@ -164,6 +170,11 @@ class Lab:
             if qemu.wait(self.shutdown_timeout) is None:
                 raise LabTimeout(f"L1 did not power off within {self.shutdown_timeout:g} s", guest.tail(parser.console))
             qemu.finish_reading()
+        except LabError as exc:
+            qemu.kill()  # drains the console, including a last line without newline
+            with lock:
+                exc.console_tail = guest.tail(parser.console)
+            raise
         finally:
             qemu.kill()
         timings["total"] = time.monotonic() - started

@@ -4,7 +4,9 @@ On the host (``PYKVM_IN_LAB`` unset), each selected lab test is replaced by a pr
 The first proxy to run boots the lab once for the session and runs
 ``python -m pytest <all selected lab node ids>`` inside L1; an inner plugin (this file,
 loaded again inside) writes one JSON line per test phase to ``$PYKVM_LAB_OUT``, and each
-proxy then passes, fails with the inner failure text, or skips with the inner reason.
+proxy then passes, fails with the inner failure text, or skips with the inner reason. If
+the run dies midway (timeout, crash), tests that finished keep their results and the
+others fail with the console's last lines.
 
 If the lab cannot start (no QEMU, no kernel), lab tests skip with the reason; with
 ``PYKVM_REQUIRE_LAB=1`` they fail instead. ``PYKVM_LAB_TIMEOUT`` bounds the whole inner run
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -99,51 +102,48 @@ else:
             timeout = float(os.environ.get("PYKVM_LAB_TIMEOUT") or 1500)
             root = self.config.rootpath
             argv = [
-                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs",
+                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
                 f"--rootdir={root}", f"--junitxml={LAB_OUT_GUEST}/junit.xml",
                 *[str(root / nodeid) for nodeid in self.nodeids],
             ]
+            out_dir = Path(tempfile.mkdtemp(prefix="pykvm-lab-pytest-"))
             with capman.global_and_fixture_disabled():
                 say = lambda line: writer.line(f"[lab] {line}")  # noqa: E731
                 writer.line("")
                 say(f"preparing the lab and running {len(self.nodeids)} test(s) inside L1")
                 try:
                     lab = Lab.prepare(progress=say)
+                    result = lab.run(argv, timeout=timeout, cwd=str(root), stream=say if live else None, out_dir=out_dir)
+                    t = result.timings
+                    say(f"inner pytest exit {result.returncode}: boot {t['boot']:.1f} s, tests {t['command']:.1f} s")
+                    self.output_tail = result.output[-4000:]
                 except LabUnavailable as exc:
                     self.unavailable = str(exc)
-                    return
-                try:
-                    result = lab.run(argv, timeout=timeout, cwd=str(root), stream=say if live else None)
                 except LabError as exc:
+                    # Tests that finished before a hang or crash keep their own results.
                     self.error = str(exc)
-                    return
-                t = result.timings
-                say(f"inner pytest exit {result.returncode}: boot {t['boot']:.1f} s, tests {t['command']:.1f} s")
-            try:
-                results = result.out_dir / RESULTS_FILE
-                lines = results.read_text().splitlines() if results.exists() else []
-                for line in lines:
-                    record = json.loads(line)
-                    self.records.setdefault(record["nodeid"], []).append(record)
-                if not lines:
-                    self.error = f"the inner pytest reported nothing (exit {result.returncode}):\n{result.output[-4000:]}"
-                self.output_tail = result.output[-4000:]
-            finally:
+                    say(f"lab run failed: {str(exc).splitlines()[0]}")
+                self._collect(out_dir)
                 if os.environ.get("PYKVM_LAB_KEEP_OUT") == "1":
-                    with capman.global_and_fixture_disabled():
-                        writer.line(f"[lab] outputs (junit.xml, {RESULTS_FILE}) kept in {result.out_dir}")
+                    say(f"outputs (junit.xml, {RESULTS_FILE}) kept in {out_dir}")
                 else:
-                    shutil.rmtree(result.out_dir, ignore_errors=True)
+                    shutil.rmtree(out_dir, ignore_errors=True)
+
+        def _collect(self, out_dir: Path) -> None:
+            results = out_dir / RESULTS_FILE
+            for line in results.read_text().splitlines() if results.exists() else []:
+                record = json.loads(line)
+                self.records.setdefault(record["nodeid"], []).append(record)
 
         def report(self, nodeid: str) -> None:
             """Raise the inner outcome of ``nodeid`` (return means it passed)."""
             self.run()
             if self.unavailable:
                 _unavailable(self.unavailable)
-            if self.error:
-                pytest.fail(f"lab run failed: {self.error}", pytrace=False)
             records = self.records.get(nodeid)
-            if not records:
+            if not records or (self.error and not any(r["when"] == "teardown" for r in records)):
+                if self.error:
+                    pytest.fail(f"lab run failed before this test finished: {self.error}", pytrace=False)
                 pytest.fail(f"no result from L1 for this test; inner output:\n{self.output_tail}", pytrace=False)
             failed = [r for r in records if r["outcome"] == "failed"]
             if failed:
