@@ -286,3 +286,24 @@ def test_stdio_console_raw_mode_escape_quits_and_restores_the_terminal(kernel_fi
             p.kill()
         os.close(master)
         os.close(slave)
+
+
+def test_boot_marker_from_a_port_write_and_from_console_text(kernel_file):
+    code = print_bytes(b"booted\n") + b"\x66\xba\xf0\x03" + OUT_DX_AL + RESET + JMP_SELF  # out 0x3f0 (MARKER_PORT)
+    m, _ = run(kernel_file(code))
+    t = m.times
+    assert t.get("first vCPU entry") <= t.get("guest marker") <= t.get("end")
+    m2, _ = run(kernel_file(print_bytes(b"login: \n") + RESET + JMP_SELF, "b.elf"), marker="login:")
+    assert m2.times.get("guest marker") is not None
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    from pykvm.vmm.config import load_config
+
+    bad = tmp_path / "vm.toml"
+    bad.write_text('kernel = "k"\nmemroy = "1G"\n')
+    with pytest.raises(MachineError, match="memroy"):
+        load_config(str(bad))
+    bad.write_text('kernel = "k"\ncpus = "two"\n')
+    with pytest.raises(MachineError, match="cpus must be int"):
+        load_config(str(bad))
