@@ -185,7 +185,13 @@ def ensure_kernel(version: str, progress: Progress) -> Path:
     download.mkdir()
     package = f"linux-image-{version}"
     progress(f"downloading {package} (apt-get download, ~70 MB)")
-    _run(["apt-get", "download", package], cwd=download)
+    try:
+        _run(["apt-get", "download", package], cwd=download)
+    except LabUnavailable:
+        shutil.rmtree(download)
+        with contextlib.suppress(OSError):
+            base.rmdir()  # only if nothing else of this version is cached
+        raise
     debs = [p for p in download.iterdir() if p.name.startswith(package + "_") and p.suffix == ".deb"]
     if len(debs) != 1:
         raise LabUnavailable(f"apt-get download {package} left {[p.name for p in download.iterdir()]}")
