@@ -117,6 +117,11 @@ class Device(FdObject):
         """
         self._set_irqs(irq_set(index, start, len(eventfds), lib.VFIO_IRQ_SET_ACTION_TRIGGER, eventfds=eventfds))
 
+    def set_unmask_eventfds(self, index: int, eventfds: Sequence[EventFdLike], start: int = 0) -> None:
+        """Unmask vectors when these eventfds are written (e.g. KVM's irqfd resample for INTx),
+        without a syscall of ours in between. ``None`` removes one."""
+        self._set_irqs(irq_set(index, start, len(eventfds), lib.VFIO_IRQ_SET_ACTION_UNMASK, eventfds=eventfds))
+
     def disable_irqs(self, index: int) -> None:
         """Tear down every vector of ``index`` (the device falls back to no interrupts)."""
         self._set_irqs(irq_set(index, 0, 0, lib.VFIO_IRQ_SET_ACTION_TRIGGER))

@@ -119,9 +119,6 @@ class ConfigSpace:
         self.command = self.command | bits
         return self.command
 
-    def disable_bus_master(self) -> None:
-        self.command = self.command & ~lib.PCI_COMMAND_MASTER
-
     def capabilities(self) -> List[Tuple[int, int]]:
         """``(cap_id, offset)`` of each standard capability (ids: ``lib.PCI_CAP_ID_*``)."""
         return walk_capabilities(self.snapshot())

@@ -209,6 +209,17 @@ def test_intx_is_automasked_and_unmask_redelivers(edu):
             edu.device.unmask(lib.VFIO_PCI_INTX_IRQ_INDEX)
             assert ev.wait(5.0) == 1
             edu.bar0.write32(IRQ_ACK, 0x2)
+            with EventFd() as resample:  # unmask through an eventfd, as KVM's irqfd resampler does
+                edu.device.set_unmask_eventfds(lib.VFIO_PCI_INTX_IRQ_INDEX, [resample])
+                edu.device.unmask(lib.VFIO_PCI_INTX_IRQ_INDEX)
+                edu.bar0.write32(IRQ_RAISE, 0x4)
+                assert ev.wait(5.0) == 1 and ev.wait(0.3) is None  # automasked again
+                edu.bar0.write32(IRQ_ACK, 0x4)
+                edu.bar0.write32(IRQ_RAISE, 0x8)
+                resample.write()
+                assert ev.wait(5.0) == 1
+                edu.bar0.write32(IRQ_ACK, 0x8)
+                edu.device.set_unmask_eventfds(lib.VFIO_PCI_INTX_IRQ_INDEX, [None])
         finally:
             edu.device.disable_irqs(lib.VFIO_PCI_INTX_IRQ_INDEX)
 
