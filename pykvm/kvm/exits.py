@@ -5,9 +5,10 @@ member of kvm_run's union filled in. ``decode()`` turns that into one object
 per reason. Every object keeps the raw ``reason``; a reason pykvm does not
 model becomes an ``UnknownExit`` rather than an error.
 
-Data views (``IoExit.data``, ``MmioExit.data``) point into the kvm_run page:
-writing them answers an IN or an MMIO read, and they are valid until the
-next ``run()``.
+For an IN or an MMIO read, ``data`` is a writable view into the kvm_run
+page: writing it (or setting ``value``) answers the guest, and it is valid
+until the next ``run()``. For an OUT or an MMIO write, ``data`` is a copy of
+what the guest wrote, so collected exits keep their values.
 """
 from __future__ import annotations
 
@@ -257,11 +258,14 @@ def decode(run: Any, page: Any) -> Exit:
         off = io.data_offset
         # a data area outside the kvm_run mapping (never sent by a sane kernel) decodes as empty
         data = page[off:off + n] if 0 < n and off + n <= len(page) else bytearray(0)
+        if io.direction == lib.KVM_EXIT_IO_OUT:
+            data = bytes(data)  # what the guest wrote: a snapshot that outlives the next run
         return IoExit(reason, io.port, io.size, io.count, io.direction, data)
     if reason == lib.KVM_EXIT_MMIO:
         m = run.mmio
         length = min(m.len, 8)
-        return MmioExit(reason, m.phys_addr, length, bool(m.is_write), ffi.buffer(m.data, length))
+        data = ffi.buffer(m.data, length)
+        return MmioExit(reason, m.phys_addr, length, bool(m.is_write), data[:] if m.is_write else data)
     if reason == lib.KVM_EXIT_HLT:
         return HltExit(reason)
     if reason == lib.KVM_EXIT_SHUTDOWN:

@@ -19,6 +19,7 @@ from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm.errors import KvmError, ioctl_error
 from pykvm.kvm import exits
+from pykvm.kvm.watchdog import WATCHDOG
 from pykvm.kvm.regs import (CpuidEntry, DebugRegs, Fpu, Lapic, Regs, Sregs, VcpuEvents, Xcrs, Xsave,
                             cpuid_from_c, cpuid_to_c)
 
@@ -105,22 +106,20 @@ class Vcpu(FdObject):
         """KVM_RUN until the guest exits to userspace; returns the decoded exit.
 
         ``timeout`` (seconds) bounds the call: a guest that stays in the kernel
-        is kicked and the call returns ``InterruptedExit``.
+        is kicked and the call returns ``InterruptedExit``. A kick from this
+        deadline is cleared before returning; a ``kick()`` from elsewhere stays
+        set until the caller clears ``immediate_exit``.
         """
         fd = self.fileno()
-        timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, self.kick)
-            timer.daemon = True
-            timer.start()
+        token = None if timeout is None else WATCHDOG.arm(timeout, self.kick)
         self._thread = threading.get_ident()
         try:
             ret = lib.pykvm_ioctl_int(fd, lib.KVM_RUN, 0)
             err = ffi.errno
         finally:
             self._thread = None
-            if timer is not None:
-                timer.cancel()
+            if token is not None and not WATCHDOG.disarm(token):
+                self._run_c.immediate_exit = 0  # our own deadline fired
         if ret < 0:
             if err == errno.EINTR:
                 return exits.InterruptedExit(lib.KVM_EXIT_INTR)

@@ -44,8 +44,12 @@ def test_io_exit_round_trips_what_it_reads(port, size, count, direction, data):
     assert isinstance(e, exits.IoExit)
     assert (e.port, e.size, e.count, e.is_in) == (port, size, count, direction == lib.KVM_EXIT_IO_IN)
     assert bytes(e.data) == data[: size * count]
-    e.value = 0xA5A5A5A5
-    assert buf[4096:4096 + size] == (0xA5A5A5A5 & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    if e.is_in:  # the live view answers the guest
+        e.value = 0xA5A5A5A5
+        assert buf[4096:4096 + size] == (0xA5A5A5A5 & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    else:  # what the guest wrote is a snapshot that outlives the page
+        buf[4096:4096 + 64] = bytes(64)
+        assert bytes(e.data) == data[: size * count]
 
 
 @given(offset=st.integers(0, 2**64 - 1), size=st.integers(0, 255), count=st.integers(0, 2**32 - 1))
@@ -72,12 +76,9 @@ def test_mmio_exit_round_trips(addr, length, is_write, data):
     assert isinstance(e, exits.MmioExit)
     assert e.address == addr and e.is_write == is_write and e.length == min(length, 8)
     assert bytes(e.data) == data[: e.length]
-    if e.length:
+    if e.length and not is_write:  # answering a read writes the page
         e.value = 0
         assert bytes(run.mmio.data[0:e.length]) == bytes(e.length)
-
-
-def test_exit_reason_enum_matches_the_header():
-    assert exits.ExitReason.IO == lib.KVM_EXIT_IO == 2
-    assert exits.ExitReason.MMIO == lib.KVM_EXIT_MMIO
-    assert "IO_IN" not in exits.ExitReason.__members__
+    elif is_write:  # a write's bytes are a snapshot
+        run.mmio.data = list(bytes(8))
+        assert bytes(e.data) == data[: e.length]
