@@ -1,0 +1,31 @@
+"""KVM tests that this host's PVM cannot run, run against L1's kvm_amd instead.
+
+PVM drops CR0.PG outside long mode, so 32-bit paging (example 03 and its API
+test) skips on the host; here it must pass.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pytest_inside(*node_ids: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYKVM_REQUIRE_KVM="1", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", *node_ids],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.lab
+def test_32_bit_paging_runs_on_a_hardware_kvm():
+    proc = _pytest_inside(
+        "tests/kvm/test_modes.py::test_32_bit_paging_translates_and_sets_accessed_dirty",
+        "tests/examples/test_examples.py::test_03_paging32_maps_higher_half_and_sets_dirty_bit",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
