@@ -13,6 +13,7 @@ import errno
 import mmap
 import signal
 import threading
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
 from pykvm._fdobject import FdObject
@@ -36,6 +37,16 @@ class MpState(enum.IntEnum):
     INIT_RECEIVED = lib.KVM_MP_STATE_INIT_RECEIVED
     HALTED = lib.KVM_MP_STATE_HALTED
     SIPI_RECEIVED = lib.KVM_MP_STATE_SIPI_RECEIVED
+
+
+@dataclass(frozen=True)
+class CoalescedWrite:
+    """One guest write KVM queued in the coalesced MMIO/PIO ring instead of exiting."""
+
+    address: int
+    length: int
+    pio: bool
+    data: bytes
 
 
 class GuestDebug(enum.IntFlag):
@@ -140,6 +151,23 @@ class Vcpu(FdObject):
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def drain_coalesced_mmio(self) -> List[CoalescedWrite]:
+        """Writes KVM queued in the VM's coalesced MMIO/PIO ring (mapped at page
+        KVM_COALESCED_MMIO_PAGE_OFFSET of every vCPU fd), oldest first; consumes them."""
+        self.fileno()
+        page = mmap.PAGESIZE
+        base = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * page
+        ring = ffi.cast("struct kvm_coalesced_mmio_ring *", ffi.cast("char *", self._run_c) + base)
+        header = ffi.offsetof("struct kvm_coalesced_mmio_ring", "coalesced_mmio")
+        slots = (page - header) // ffi.sizeof("struct kvm_coalesced_mmio")
+        out: List[CoalescedWrite] = []
+        while ring.first != ring.last:
+            e = ring.coalesced_mmio[ring.first % slots]
+            n = min(e.len, 8)
+            out.append(CoalescedWrite(e.phys_addr, n, bool(e.pio), bytes(e.data[0:n])))
+            ring.first = (ring.first + 1) % slots
+        return out
 
     # -- registers ----------------------------------------------------------
     def _get(self, name: str, struct: Any) -> Any:

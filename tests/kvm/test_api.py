@@ -264,3 +264,59 @@ def test_create_vfio_device_support_is_reported(vm):
     else:
         with vm.create_device(VFIO) as dev:
             assert dev.fileno() >= 0
+
+
+def test_feature_msrs_and_tsc_khz(kvm, vm):
+    indices = kvm.feature_msr_index_list()
+    values = kvm.feature_msrs(indices)
+    assert set(values) == set(indices)
+    cpu, _ = real_mode_vcpu(vm, HLT)
+    assert cpu.get_tsc_khz() > 100_000  # a TSC of at least 100 MHz
+
+
+def test_user_space_msr_exits_through_enable_cap(vm):
+    from pykvm._native import lib
+    from pykvm.kvm import MsrExit
+
+    if not vm.check_extension(Cap.X86_USER_SPACE_MSR):
+        pytest.skip("KVM_CAP_X86_USER_SPACE_MSR not offered")
+    vm.enable_cap(Cap.X86_USER_SPACE_MSR, lib.KVM_MSR_EXIT_REASON_UNKNOWN)
+    # mov ecx,0x12345678 ; rdmsr ; out 0x10,al ; hlt   (an MSR KVM does not know)
+    cpu, _ = real_mode_vcpu(vm, bytes([0x66, 0xB9, 0x78, 0x56, 0x34, 0x12, 0x0F, 0x32, 0xE6, 0x10]) + HLT)
+    e = cpu.run(timeout=5)
+    assert isinstance(e, MsrExit) and not e.is_write and e.index == 0x12345678
+    e.data = 0x99
+    e = cpu.run(timeout=5)
+    assert isinstance(e, IoExit) and e.value == 0x99
+
+
+def test_coalesced_mmio_queues_writes_without_exits(vm):
+    if not vm.kvm.check_extension(Cap.COALESCED_MMIO):
+        pytest.skip("KVM_CAP_COALESCED_MMIO not offered")
+    vm.register_coalesced_mmio(0x20000, 0x1000)
+    # mov ax,0x2000 ; mov ds,ax ; mov byte [0],0x11 ; mov byte [1],0x22 ; hlt
+    code = bytes([0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x11, 0xC6, 0x06, 0x01, 0x00, 0x22]) + HLT
+    cpu, _ = real_mode_vcpu(vm, code)
+    assert isinstance(cpu.run(timeout=5), HltExit)  # no MMIO exit in between
+    writes = cpu.drain_coalesced_mmio()
+    assert [(w.address, w.data) for w in writes] == [(0x20000, b"\x11"), (0x20001, b"\x22")]
+    assert cpu.drain_coalesced_mmio() == []
+    vm.unregister_coalesced_mmio(0x20000, 0x1000)
+
+
+def test_interrupt_injection_without_irqchip(vm):
+    from pykvm.kvm import IrqWindowOpenExit
+
+    # IVT entry 0x20 -> 0:0x1100; handler: out 0x10,al ; hlt.  Main: sti ; hlt ... jmp
+    cpu, mem = real_mode_vcpu(vm, bytes([0xFB, 0xF4, 0xEB, 0xFD]))
+    mem.write_u32(0x20 * 4, 0x1100)
+    mem.write(0x1100, bytes([0xB0, 0x20, 0xE6, 0x10]) + HLT)
+    assert isinstance(cpu.run(timeout=5), HltExit)  # halted with IF=1
+    cpu.kvm_run.request_interrupt_window = 1
+    e = cpu.run(timeout=5)
+    if not isinstance(e, IrqWindowOpenExit):
+        assert cpu.kvm_run.ready_for_interrupt_injection
+    cpu.kvm_run.request_interrupt_window = 0
+    cpu.interrupt(0x20)
+    e = cpu.run(timeout=5)
+    assert isinstance(e, IoExit) and e.port == 0x10 and e.value == 0x20
