@@ -25,7 +25,7 @@ from pykvm.vmm.pci.allocator import BarAllocator
 from pykvm.vmm.pci.bus import PciBus
 from pykvm.vmm.pci.config import BASE_ADDRESS_0, COMMAND, ROM_ADDRESS, BarKind
 from pykvm.vmm.pci.gsi import GsiRouter
-from pykvm.vmm.pci.passthrough import PassthroughError, VfioPciDevice
+from pykvm.vmm.pci.passthrough import PassthroughError, VfioContext, VfioPciDevice
 
 pytestmark = pytest.mark.lab
 
@@ -271,6 +271,28 @@ def test_nvme_works_for_its_host_driver_after_passthrough(bound, machine):
         assert disk.read(512) == nvme_sector(0)
 
 
+def test_edu_and_nvme_share_one_context(machine, bound):
+    """Two devices in one VM: one container (RAM pinned and mapped once), one KVM-VFIO device."""
+    m = machine
+    context = VfioContext(m.vm, m.memory)
+    devs = [VfioPciDevice.open(bound(bdf), vm=m.vm, memory=m.memory, gsi_router=m.router, context=context)
+            for bdf in (EDU_BDF, NVME_BDF)]
+    try:
+        assert [m.pci.add(d) for d in devs] == [1, 2]
+        assert sorted(context.groups) == sorted({group_of(EDU_BDF), group_of(NVME_BDF)})
+        assert [(d.iova, d.size) for d in context.dma] == [(0, RAM)]
+        assert all(d.context is context for d in devs) and context.kvm_device is not None
+        assert m.pci.config_read(0, 1, 0, 0, 4) == 0x11E81234 and m.pci.config_read(0, 2, 0, 0, 4) == 0x00101B36
+        assert m.pci.intx_routes() == [(1, 0, 16), (2, 0, 17)]
+        assert all(d.memslots(0) for d in devs)
+        devs[0].close()
+        assert context.container is not None and [(d.iova, d.size) for d in context.dma] == [(0, RAM)]
+    finally:
+        for d in devs:
+            d.close()
+    assert context.container is None and context.dma == [] and vfio_fds() == []
+
+
 # -- errors: each clear, before anything is opened, nothing left behind --------------------
 def test_device_on_a_host_driver_is_refused(machine):
     assert driver(NVME_BDF) == "nvme"
@@ -315,7 +337,7 @@ resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.vmm.pci.gsi import GsiRouter
-from pykvm.vmm.pci.passthrough import PassthroughError, VfioPciDevice
+from pykvm.vmm.pci.passthrough import PassthroughError, VfioContext, VfioPciDevice
 vm = Kvm().create_vm()
 vm.create_irqchip()
 memory = GuestMemory.flat(64 << 20)
@@ -323,16 +345,35 @@ try:
     VfioPciDevice.open(sys.argv[1], vm=vm, memory=memory, gsi_router=GsiRouter(vm))
 except PassthroughError as exc:
     print(exc)
-    sys.exit(3)
-print("opened")
+else:
+    sys.exit("opened despite the limit")
+# Skip the pre-check: the kernel refuses to pin, and the failure leaves nothing open.
+import os
+import pykvm.vmm.pci.passthrough as passthrough
+from pykvm.errors import VfioError
+from pykvm.vfio import Group
+from pykvm.vmm.pci.preflight import check_device
+passthrough.preflight = lambda device, ram, sysfs: check_device(device, sysfs)
+try:
+    VfioPciDevice.open(sys.argv[1], vm=vm, memory=memory, gsi_router=GsiRouter(vm))
+except VfioError as exc:
+    print("kernel:", exc)
+links = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+print("vfio fds left:", [l for l in links if "vfio" in l])
+Group(int(sys.argv[2])).close()
+print("group reopened")
+sys.exit(3)
 """
 
 
 def test_memlock_below_guest_ram_is_refused(bound):
     bdf = bound(EDU_BDF)
-    proc = subprocess.run([sys.executable, "-c", MEMLOCK_SCRIPT, bdf], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", MEMLOCK_SCRIPT, bdf, str(group_of(bdf))],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "RLIMIT_MEMLOCK is 1 MiB" in proc.stdout and "64 MiB of guest RAM" in proc.stdout
     assert "ulimit -l 65536" in proc.stdout and "limits.conf" in proc.stdout and "LimitMEMLOCK" in proc.stdout
+    assert "kernel: VFIO_IOMMU_MAP_DMA: cannot pin the pages: RLIMIT_MEMLOCK too low" in proc.stdout
+    assert "vfio fds left: []" in proc.stdout and "group reopened" in proc.stdout
     assert driver(bdf) == "vfio-pci"
     Group(group_of(bdf)).close()  # nothing holds the group
