@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from common import median, parser, report, temp_dir  # puts the checkout on sys.path
 
@@ -30,11 +30,11 @@ from tests.lab.test_boot_linux import CMDLINE, MARKER, MEMORY, l2_initramfs, lab
 TIMEOUT = 300.0
 
 
-def time_to_marker(argv: List[str], env: Optional[dict] = None) -> float:
+def time_to_marker(argv: List[str]) -> float:
     """Seconds from starting ``argv`` to ``MARKER`` on its stdout; the process is then left to
     power off (and killed if it does not within 60 s)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)  # stderr: pykvm's --stats
     seen = threading.Event()
     found: List[float] = []
     tail: List[bytes] = []
@@ -83,7 +83,7 @@ def main() -> None:
                                 "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
                                 "-no-reboot", "-kernel", kernel, "-initrd", str(initrd), "-append", CMDLINE],
             "pykvm run": [sys.executable, "-m", "pykvm", "run", "--kernel", kernel, "--initrd", str(initrd),
-                          "--memory", MEMORY, "--cpus", str(args.cpus), "--cmdline", CMDLINE, "--console", "stdio"],
+                          "--memory", MEMORY, "--cpus", str(args.cpus), "--cmdline", CMDLINE, "--console", "stdio", "--stats", "--marker", MARKER],
         }
         times = {name: [] for name in variants}
         for r in range(args.rounds):

@@ -35,7 +35,7 @@ from pykvm.vmm.devices.serial import (
 ESCAPE = 0x01  # Ctrl-A
 ESCAPE_QUIT = ord("x")
 ESCAPE_LITERAL = ord("a")
-_POLL = 0.05  # seconds an input thread sleeps between checks for more room or data
+_READ_POLL = 0.5  # seconds the stdin reader waits before checking whether the console closed
 
 Feed = Callable[[bytes], int]
 
@@ -73,7 +73,7 @@ class Console:
 
     def _pump_input(self) -> None:
         while not self._closed.is_set():
-            self._wake.wait(_POLL)
+            self._wake.wait()  # send(), rx_space() and close() set it: no polling
             self._wake.clear()
             with self._lock:
                 data = bytes(self._pending)
@@ -165,7 +165,7 @@ class StdioConsole(Console):
     def _read_input(self) -> None:
         while not self._closed.is_set():
             try:
-                ready, _, _ = select.select([self._in], [], [], _POLL * 4)
+                ready, _, _ = select.select([self._in], [], [], _READ_POLL)
                 if not ready:
                     continue
                 data = os.read(self._in, 1024)
