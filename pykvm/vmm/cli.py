@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         machine.close()
         print("pykvm run: interrupted", file=sys.stderr)
         return 130
-    except (KvmError, ValueError, OSError) as exc:
+    except (KvmError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: e.g. PassthroughError
         print(f"pykvm run: {exc}", file=sys.stderr)
         return 1
     print(f"pykvm run: guest {result} (exit status {result.status})", file=sys.stderr)

@@ -38,9 +38,10 @@ How a run ends (``MachineExit.reason`` and the exit ``status``):
 
 PCI passthrough plugs in through :attr:`Machine.pci` (bus 0, BAR ranges on
 :attr:`mmio`/:attr:`pio`), :attr:`vm`, :attr:`memory` and :attr:`gsi`;
-``config.vfio`` devices are attached by
-``pykvm.vmm.pci.passthrough.attach(machine, device)`` between building the
-VM and writing the MP table, and closed before guest RAM goes away.
+``config.vfio`` devices (pykvm.vmm.pci.passthrough.VfioPciDevice) are opened
+and put on the bus between building the VM and writing the MP table (which
+then routes their INTx), and closed, with their VFIO container, before guest
+RAM goes away.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ from pykvm.vmm.devices.serial import COM1_IRQ, COM1_PORT, REGISTER_COUNT
 from pykvm.vmm.layout import MPTABLE_ADDR, Layout, memory_layout
 from pykvm.vmm.pci.allocator import BarAllocator
 from pykvm.vmm.pci.bus import PciBus
+from pykvm.vmm.pci.config import INTERRUPT_PIN
 from pykvm.vmm.pci.gsi import GsiRouter
 from pykvm.vmm.runloop import ConstantDevice, CRunLoop, PyRunLoop, RunLoop, RunStats, Status
 from pykvm.vmm.stats import BootTimes, TextWatch
@@ -257,15 +259,20 @@ class Machine:
         self.pio.register(MARKER_PORT, 1, _MarkerPort(lambda: self.times.mark("guest marker")), "boot-marker")
 
     def _attach_passthrough(self) -> None:
+        """Open each ``config.vfio`` device (checks first), put it on PCI bus 0 and give it its
+        INTx line; all share one VFIO container with guest RAM mapped at IOVA = GPA."""
         if not self.config.vfio:
             return
-        try:
-            from pykvm.vmm.pci.passthrough import attach
-        except ImportError as exc:
-            raise MachineError(f"PCI passthrough (--vfio) is not available in this build: {exc}") from None
+        from pykvm.vmm.pci.passthrough import VfioContext, VfioPciDevice  # VFIO only when asked for
+
+        context = VfioContext(self.vm, self.memory)
+        self._closers.append(context.close)
         for device in self.config.vfio:
-            handle = attach(self, device)
-            self._closers.append(handle.close)
+            dev = VfioPciDevice.open(device, vm=self.vm, memory=self.memory, gsi_router=self.gsi, context=context)
+            self._closers.append(dev.close)
+            slot = self.pci.add(dev)
+            intx = dev.config.get(INTERRUPT_PIN, 1)
+            dev.plugged(slot, self.pci.ioapic_pin(slot, intx - 1) if 1 <= intx <= 4 else None)
 
     # -- guest events ------------------------------------------------------------------
     def _console_output(self, data: bytes) -> None:
