@@ -43,7 +43,6 @@ from pykvm.errors import PykvmError
 from pykvm.kvm.vm import Vm
 from pykvm.memory import GuestMemory
 from pykvm.vfio import Container, Device, EventFd, Group, lib
-from pykvm.vfio.irqs import irq_set
 from pykvm.vfio.regions import Mmio, Region
 from pykvm.vmm.pci.bus import PciFunction
 from pykvm.vmm.pci.config import (
@@ -482,7 +481,7 @@ class VfioPciDevice(PciFunction):
         trigger, resample = EventFd(), EventFd()
         try:
             self.device.set_irqs(INTX, [trigger])
-            self.device._set_irqs(irq_set(INTX, 0, 1, lib.VFIO_IRQ_SET_ACTION_UNMASK, eventfds=[resample]))
+            self.device.set_unmask_eventfds(INTX, [resample])
             self.vm.irqfd(trigger, self._intx_gsi, resample_fd=resample)
         except BaseException as exc:
             try:
