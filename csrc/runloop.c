@@ -140,6 +140,8 @@ int pykvm_runloop_run(struct pykvm_runloop *rl)
         int ret = ioctl(rl->vcpu_fd, KVM_RUN, 0);
         int err = errno;
         uint64_t t1 = __rdtsc();
+        if (ret < 0 && err == EAGAIN)
+            continue;  /* an AP left wait-for-SIPI: KVM asks to be entered again */
         uint32_t reason = ret < 0 ? (err == EINTR ? KVM_EXIT_INTR : UINT32_MAX) : run->exit_reason;
         if (reason == UINT32_MAX) {
             rl->last_errno = err;

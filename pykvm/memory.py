@@ -1,8 +1,11 @@
 """Guest memory: host mappings that back guest-physical address ranges.
 
-A ``GuestMemory`` holds one or more ``MemoryRegion`` objects, each an
-anonymous shared mapping (or a memfd, optionally hugetlb-backed) placed at a
-guest-physical address. KVM sees them through memslots
+A ``GuestMemory`` holds one or more ``MemoryRegion`` objects placed at
+guest-physical addresses. Backings: ``anon`` (private anonymous memory with
+MADV_HUGEPAGE, as QEMU uses: transparent huge pages make the guest's nested
+page tables use 2 MiB pages), ``shared`` (MAP_SHARED anonymous), ``memfd``
+(shareable with another process by fd) and ``hugetlb`` (memfd on reserved
+huge pages). KVM sees them through memslots
 (``Vm.map_memory``); VFIO maps the same host pages for device DMA. All
 accessors take guest-physical addresses and are bounds-checked: an access
 that leaves the region raises ``GuestMemoryError`` naming the range.
@@ -12,11 +15,12 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 from pykvm._native import ffi
+
+if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~1 s at start-up in the lab
+    import numpy as np
 
 PAGE_SIZE = mmap.PAGESIZE
 HUGE_PAGE_SIZE = 2 << 20
@@ -56,6 +60,12 @@ class MemoryRegion:
                 f"positive multiples of {align:#x}"
             )
         if self.backing == "anon":
+            self._mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            try:
+                self._mm.madvise(mmap.MADV_HUGEPAGE)
+            except (AttributeError, OSError):
+                pass  # no THP on this kernel: 4 KiB pages still work
+        elif self.backing == "shared":
             self._mm = mmap.mmap(-1, self.size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         elif self.backing in ("memfd", "hugetlb"):
             flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if self.backing == "hugetlb" else 0)
@@ -69,7 +79,7 @@ class MemoryRegion:
                 hint = " (are hugepages reserved? see /proc/sys/vm/nr_hugepages)" if self.backing == "hugetlb" else ""
                 raise GuestMemoryError(f"cannot allocate {self.size:#x} bytes of {self.backing} memory: {exc}{hint}") from exc
         else:
-            raise GuestMemoryError(f"unknown backing {self.backing!r} (anon, memfd, hugetlb)")
+            raise GuestMemoryError(f"unknown backing {self.backing!r} (anon, shared, memfd, hugetlb)")
         self.host_address = _host_address(self._mm)
 
     @property
@@ -193,8 +203,10 @@ class GuestMemory:
     def write_u64(self, gpa: int, v: int) -> None:
         self.write_int(gpa, 8, v)
 
-    def numpy(self, gpa: int, size: int, dtype: "np.typing.DTypeLike" = np.uint8) -> np.ndarray:
+    def numpy(self, gpa: int, size: int, dtype: "np.typing.DTypeLike" = "uint8") -> "np.ndarray":
         """A numpy array sharing the guest's bytes (no copy)."""
+        import numpy as np
+
         dt = np.dtype(dtype)
         if size % dt.itemsize:
             raise GuestMemoryError(f"size {size:#x} is not a multiple of {dt} ({dt.itemsize} bytes)")

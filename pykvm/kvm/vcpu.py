@@ -125,8 +125,11 @@ class Vcpu(FdObject):
         token = None if timeout is None else WATCHDOG.arm(timeout, self.kick)
         self._thread = threading.get_ident()
         try:
-            ret = lib.pykvm_ioctl_int(fd, lib.KVM_RUN, 0)
-            err = ffi.errno
+            while True:
+                ret = lib.pykvm_ioctl_int(fd, lib.KVM_RUN, 0)
+                err = ffi.errno
+                if ret >= 0 or err != errno.EAGAIN:
+                    break  # EAGAIN: an AP left wait-for-SIPI and KVM asks to be entered again
         finally:
             self._thread = None
             if token is not None and not WATCHDOG.disarm(token):

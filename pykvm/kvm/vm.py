@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
@@ -13,6 +11,9 @@ from pykvm.errors import KvmError
 from pykvm.kvm.caps import CapLike, cap_number
 from pykvm.kvm.regs import ClockData, IrqChip, PitState
 from pykvm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+
+if TYPE_CHECKING:  # numpy is imported where it is used (start-up time)
+    import numpy as np
 
 
 class MemFlag(enum.IntFlag):
@@ -150,8 +151,10 @@ class Vm(FdObject):
             out.append(self.set_user_memory_region(self.free_slot(), r.gpa, r.size, r, f))
         return out
 
-    def get_dirty_log(self, slot: int) -> np.ndarray:
+    def get_dirty_log(self, slot: int) -> "np.ndarray":
         """KVM_GET_DIRTY_LOG: page indices (within the slot) written since the last call."""
+        import numpy as np
+
         ms = self.slots[slot]
         words = (ms.pages + 63) // 64
         bitmap = np.zeros(max(words, 1), dtype=np.uint64)
@@ -162,6 +165,8 @@ class Vm(FdObject):
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> None:
         """KVM_CLEAR_DIRTY_LOG: re-protect pages (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
+        import numpy as np
+
         bitmap = np.full((num_pages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
         c = ffi.new("struct kvm_clear_dirty_log *", {
             "slot": slot, "num_pages": num_pages, "first_page": first_page,

@@ -46,7 +46,6 @@ RAM goes away.
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -343,8 +342,6 @@ class Machine:
                 result = loop.run_until(timeout=HALT_CHECK_INTERVAL)
                 if result.status in (Status.EXIT, Status.STOPPED):
                     return
-                if result.status is Status.ERROR and getattr(result.error, "errno", None) == errno.EAGAIN:
-                    continue  # an AP woken from wait-for-SIPI: KVM_RUN asks to be called again
                 if result.status is Status.ERROR:
                     self._finish(MachineExit(ExitReason.ERROR, f"KVM_RUN failed: {result.error}", index))
                     return
