@@ -108,6 +108,8 @@ class VfioContext:
 
     def release(self, number: int) -> None:
         """One user of group ``number`` is done; the last one closes it (and the context when empty)."""
+        if number not in self._users:  # the context was closed first
+            return
         self._users[number] -= 1
         if self._users[number]:
             return
