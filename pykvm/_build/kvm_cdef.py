@@ -39,7 +39,7 @@ KVM_SET_BOOT_CPU_ID KVM_X86_SET_MSR_FILTER
 CONSTANTS = """
 KVM_API_VERSION KVM_NR_INTERRUPTS KVM_APIC_REG_SIZE KVM_COALESCED_MMIO_PAGE_OFFSET
 KVM_DEV_TYPE_VFIO KVM_DEV_VFIO_GROUP KVM_DEV_VFIO_GROUP_ADD KVM_DEV_VFIO_GROUP_DEL
-KVM_EXIT_IO_IN KVM_EXIT_IO_OUT KVM_MSR_FILTER_MAX_BITMAP_SIZE
+KVM_EXIT_IO_IN KVM_EXIT_IO_OUT KVM_MSR_FILTER_MAX_BITMAP_SIZE KVM_IOAPIC_NUM_PINS
 """.split()
 
 
@@ -175,4 +175,35 @@ struct kvm_run {
 };
 """
 
-SOURCE = ""
+# The PIC and IOAPIC states sit in a union of kvm_irqchip and hold bitfields;
+# small accessors let the compiler do that layout too.
+CDEF += """
+__u64 pykvm_ioapic_base(const struct kvm_irqchip *c);
+__u32 pykvm_ioapic_id(const struct kvm_irqchip *c);
+__u32 pykvm_ioapic_irr(const struct kvm_irqchip *c);
+__u64 pykvm_ioapic_redirection(const struct kvm_irqchip *c, int pin);
+void pykvm_ioapic_set_redirection(struct kvm_irqchip *c, int pin, __u64 bits);
+__u8 pykvm_pic_irr(const struct kvm_irqchip *c);
+__u8 pykvm_pic_imr(const struct kvm_irqchip *c);
+__u8 pykvm_pic_isr(const struct kvm_irqchip *c);
+__u8 pykvm_pic_irq_base(const struct kvm_irqchip *c);
+"""
+
+SOURCE = """
+static __u64 pykvm_ioapic_base(const struct kvm_irqchip *c) { return c->chip.ioapic.base_address; }
+static __u32 pykvm_ioapic_id(const struct kvm_irqchip *c) { return c->chip.ioapic.id; }
+static __u32 pykvm_ioapic_irr(const struct kvm_irqchip *c) { return c->chip.ioapic.irr; }
+static __u64 pykvm_ioapic_redirection(const struct kvm_irqchip *c, int pin)
+{
+    return pin >= 0 && pin < KVM_IOAPIC_NUM_PINS ? c->chip.ioapic.redirtbl[pin].bits : ~0ULL;
+}
+static void pykvm_ioapic_set_redirection(struct kvm_irqchip *c, int pin, __u64 bits)
+{
+    if (pin >= 0 && pin < KVM_IOAPIC_NUM_PINS)
+        c->chip.ioapic.redirtbl[pin].bits = bits;
+}
+static __u8 pykvm_pic_irr(const struct kvm_irqchip *c) { return c->chip.pic.irr; }
+static __u8 pykvm_pic_imr(const struct kvm_irqchip *c) { return c->chip.pic.imr; }
+static __u8 pykvm_pic_isr(const struct kvm_irqchip *c) { return c->chip.pic.isr; }
+static __u8 pykvm_pic_irq_base(const struct kvm_irqchip *c) { return c->chip.pic.irq_base; }
+"""

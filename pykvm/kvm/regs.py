@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List
 
-from pykvm._native import ffi
+from pykvm._native import ffi, lib
 
 
 class Struct:
@@ -118,9 +118,52 @@ class DebugRegs(Struct):
 
 
 class IrqChip(Struct):
-    """A PIC or IOAPIC state blob (KVM_GET_IRQCHIP / KVM_SET_IRQCHIP)."""
+    """A PIC or IOAPIC state (KVM_GET_IRQCHIP / KVM_SET_IRQCHIP); ``chip_id`` says which.
+
+    IOAPIC: ``ioapic_irr`` (pins asserted), ``ioapic_redirection(pin)`` (the
+    64-bit redirection entry: vector, delivery mode, mask bit 16, remote IRR
+    bit 14, ...). PIC: ``pic_irr``, ``pic_imr``, ``pic_isr``, ``pic_irq_base``.
+    """
 
     ctype = "struct kvm_irqchip"
+
+    @property
+    def ioapic_base(self) -> int:
+        return lib.pykvm_ioapic_base(self.ptr)
+
+    @property
+    def ioapic_id(self) -> int:
+        return lib.pykvm_ioapic_id(self.ptr)
+
+    @property
+    def ioapic_irr(self) -> int:
+        return lib.pykvm_ioapic_irr(self.ptr)
+
+    def ioapic_redirection(self, pin: int) -> int:
+        if not 0 <= pin < lib.KVM_IOAPIC_NUM_PINS:
+            raise IndexError(f"IOAPIC pin {pin} (0..{lib.KVM_IOAPIC_NUM_PINS - 1})")
+        return lib.pykvm_ioapic_redirection(self.ptr, pin)
+
+    def set_ioapic_redirection(self, pin: int, bits: int) -> None:
+        if not 0 <= pin < lib.KVM_IOAPIC_NUM_PINS:
+            raise IndexError(f"IOAPIC pin {pin} (0..{lib.KVM_IOAPIC_NUM_PINS - 1})")
+        lib.pykvm_ioapic_set_redirection(self.ptr, pin, bits)
+
+    @property
+    def pic_irr(self) -> int:
+        return lib.pykvm_pic_irr(self.ptr)
+
+    @property
+    def pic_imr(self) -> int:
+        return lib.pykvm_pic_imr(self.ptr)
+
+    @property
+    def pic_isr(self) -> int:
+        return lib.pykvm_pic_isr(self.ptr)
+
+    @property
+    def pic_irq_base(self) -> int:
+        return lib.pykvm_pic_irq_base(self.ptr)
 
 
 class PitState(Struct):

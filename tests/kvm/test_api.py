@@ -320,3 +320,20 @@ def test_interrupt_injection_without_irqchip(vm):
     cpu.interrupt(0x20)
     e = cpu.run(timeout=5)
     assert isinstance(e, IoExit) and e.port == 0x10 and e.value == 0x20
+
+
+def test_ioapic_and_pic_state_show_asserted_lines(vm):
+    vm.create_irqchip()
+    ioapic = vm.get_irqchip(2)
+    assert ioapic.ioapic_base == 0xFEC00000
+    assert ioapic.ioapic_redirection(5) & (1 << 16)  # pins start masked
+    vm.irq_line(5, 1)
+    assert vm.get_irqchip(2).ioapic_irr & (1 << 5)
+    assert vm.get_irqchip(0).pic_irr & (1 << 5)
+    vm.irq_line(5, 0)
+    assert not vm.get_irqchip(2).ioapic_irr & (1 << 5)
+    ioapic.set_ioapic_redirection(5, 0x31 | (1 << 15))  # vector 0x31, level, unmasked
+    vm.set_irqchip(ioapic)
+    assert vm.get_irqchip(2).ioapic_redirection(5) & 0x1FFFF == 0x31 | (1 << 15)
+    with pytest.raises(IndexError):
+        ioapic.ioapic_redirection(24)
