@@ -10,7 +10,7 @@ import errno as _errno
 import os
 from typing import Optional
 
-__all__ = ["PykvmError", "KvmError", "VfioError", "ioctl_error", "ClosedError"]
+__all__ = ["PykvmError", "KvmError", "VfioError", "ioctl_error", "ClosedError", "FixableError"]
 
 _OSERROR_FOR_ERRNO = {
     _errno.EACCES: PermissionError,
@@ -82,3 +82,15 @@ class ClosedError(PykvmError):
 
     def __init__(self, what: str):
         super().__init__(_errno.EBADF, f"{what} is closed", None)
+
+
+class FixableError(Exception):
+    """A check that failed before anything was changed; ``fix`` tells the user what to do."""
+
+    def __init__(self, message: str, fix: str = ""):
+        super().__init__(message)
+        self.fix = fix
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}\n  fix: {self.fix}" if self.fix else text

@@ -16,19 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
+from pykvm.errors import FixableError
+
 __all__ = ["HostError", "Root"]
 
 
-class HostError(Exception):
+class HostError(FixableError):
     """A host-preparation step cannot go on. ``fix`` says what the user can do."""
-
-    def __init__(self, message: str, fix: str = ""):
-        super().__init__(message)
-        self.fix = fix
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text}\n  fix: {self.fix}" if self.fix else text
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm.errors import VfioError
+from pykvm.pci_address import canonical_bdf
 from pykvm.vfio.container import CONTAINER_PATH
 from pykvm.vfio.device import Device
 from pykvm.vfio.errors import VfioUnavailableError, vfio_error
@@ -30,8 +31,7 @@ SYSFS = "/sys"
 
 def normalize_bdf(bdf: str) -> str:
     """``00:05.0`` -> ``0000:00:05.0`` (sysfs and the kernel name devices with the domain)."""
-    bdf = bdf.strip().lower()
-    return bdf if bdf.count(":") == 2 else "0000:" + bdf
+    return canonical_bdf(bdf)
 
 
 def _link_name(path: str) -> Optional[str]:

@@ -72,7 +72,7 @@ def is_bzimage(image: bytes) -> bool:
 def parse_bzimage(image: bytes) -> BzImage:
     """Check and parse a bzImage; raise :class:`BootImageError` saying what is wrong."""
     n = len(image)
-    if n < 0x206:
+    if n < 0x208:  # through the protocol version at 0x206
         raise BootImageError(f"kernel image is only {n} bytes: too short for a bzImage setup header (truncated?)")
     if not is_bzimage(image):
         raise BootImageError("not a bzImage: no 0xAA55 boot flag and 'HdrS' magic at 0x1FE/0x202 (pass a bzImage such as /boot/vmlinuz-*, or an ELF vmlinux)")

@@ -15,24 +15,19 @@ import os
 import re
 import resource
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional
+
+from pykvm.errors import FixableError
+from pykvm.pci_address import BDF_PATTERN, canonical_bdf
+from pykvm.vfio.group import group_members
 
 VFIO_DRIVER = "vfio-pci"
 VFIO_SAFE_DRIVERS = (VFIO_DRIVER, "pci-stub", "pcieport")
 CAP_IPC_LOCK = 14
-_BDF = re.compile(r"(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])")
 
 
-class PassthroughError(RuntimeError):
+class PassthroughError(FixableError, RuntimeError):
     """A device cannot be passed through as things are; ``fix`` says what to do."""
-
-    def __init__(self, message: str, fix: str = ""):
-        super().__init__(message)
-        self.fix = fix
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text}\n  fix: {self.fix}" if self.fix else text
 
 
 @dataclass(frozen=True)
@@ -64,26 +59,15 @@ def resolve(device: str, sysfs: str = "/sys") -> str:
     text = str(device).strip()
     if "/" in text:
         name = os.path.basename(os.path.realpath(text.rstrip("/")))
-        if not os.path.isdir(text) or not _BDF.fullmatch(name):
+        if not os.path.isdir(text) or not BDF_PATTERN.fullmatch(name):
             raise PassthroughError(f"{text} is not a PCI device directory in sysfs",
                                    "give a PCI address (0000:00:05.0) or /sys/bus/pci/devices/<address>")
         text = name
-    m = _BDF.fullmatch(text)
-    if not m or int(m.group(3), 16) > 0x1F:
-        raise PassthroughError(f"{device!r} is not a PCI address",
-                               "write it as DOMAIN:BUS:DEVICE.FUNCTION, e.g. 0000:00:05.0 (`lspci -D` lists them)")
-    domain, bus, dev, fn = m.groups()
-    return f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn}"
-
-
-def group_members(group: int, sysfs: str = "/sys") -> List[Tuple[str, Optional[str]]]:
-    """``(bdf, driver)`` for every device in IOMMU group ``group``."""
-    base = f"{sysfs}/kernel/iommu_groups/{group}/devices"
     try:
-        names = sorted(os.listdir(base))
-    except OSError:
-        return []
-    return [(b, _link(f"{base}/{b}/driver")) for b in names]
+        return canonical_bdf(text)
+    except ValueError:
+        raise PassthroughError(f"{device!r} is not a PCI address",
+                               "write it as DOMAIN:BUS:DEVICE.FUNCTION, e.g. 0000:00:05.0 (`lspci -D` lists them)") from None
 
 
 def _is_bridge(bdf: str, sysfs: str) -> bool:
