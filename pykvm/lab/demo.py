@@ -29,14 +29,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from pykvm.lab.devices import NVME_BDF, NVME_SERIAL, nvme_sector
+
+if TYPE_CHECKING:
+    from pykvm.lab.l2 import GuestRun
 
 BLOCK = 4096                       # bytes the guest reads and writes at a time (8 sectors)
 WRITE_LBA = (63 << 20) // 512      # where the guest writes: 1 MiB before the end, read by no other test
 GUEST_DONE = "[guest] done"
 GUEST_MARKER = "[guest] init started"
+PATTERN_SHOWN = 40                 # bytes of the pattern shown on the console
 EDU_INVERT_PROBE = 0x12345678      # edu's register 0x04 reads back the bitwise NOT of what was written
 
 Say = Callable[[str], None]
@@ -83,7 +87,7 @@ if [ -n "$N" ] && [ -b /dev/nvme0n1 ]; then
   say "LBA {write_lba} before writing: \"$(head -c 14 /tmp/before)\" sha256 $(sha /tmp/before)"
   dd if=/pattern.bin of=/dev/nvme0n1 bs={BLOCK} count=1 seek={write_lba * 512 // BLOCK} oflag=direct 2>/dev/null || say "FAILED: dd write"
   dd if=/dev/nvme0n1 of=/tmp/after bs={BLOCK} count=1 skip={write_lba * 512 // BLOCK} iflag=direct 2>/dev/null
-  say "wrote {BLOCK} bytes \"$(head -c 24 /pattern.bin)\" at LBA {write_lba} with O_DIRECT (sha256 $(sha /pattern.bin)), read back with O_DIRECT: sha256 $(sha /tmp/after)"
+  say "wrote {BLOCK} bytes \"$(head -c {PATTERN_SHOWN} /pattern.bin)\" at LBA {write_lba} with O_DIRECT (sha256 $(sha /pattern.bin)), read back with O_DIRECT: sha256 $(sha /tmp/after)"
   say "interrupts of the NVMe controller (from /proc/interrupts):"
   for f in $N/msi_irqs/*; do
     irq=${{f##*/}}
@@ -101,7 +105,7 @@ fi
 
 def make_pattern(tag: str) -> bytes:
     """``BLOCK`` bytes that name this run, so a stale block cannot pass for a fresh write."""
-    unit = f"pykvm passthrough {tag} ".encode()
+    unit = f"pykvm passthrough {tag}. ".encode()
     return (unit * (BLOCK // len(unit) + 1))[:BLOCK]
 
 
@@ -208,16 +212,32 @@ def _banner(say: Say, text: str) -> None:
     say(f"== {text}")
 
 
-def inside(say: Say = print, bdf: str = NVME_BDF) -> int:
-    """The demo proper, in L1 (or a host with an IOMMU and a spare NVMe at ``bdf``):
-    returns 0 when every step was seen to work."""
+@dataclass
+class DemoResult:
+    """What :func:`story` saw: the guest run, its parsed report and L1's view afterwards."""
+
+    run: "GuestRun"
+    report: GuestReport
+    pattern: bytes                 # what the guest wrote at WRITE_LBA
+    driver_after: Optional[str]    # the controller's driver in L1 after the run
+    l1_block: Optional[bytes]      # WRITE_LBA as L1's own driver reads it afterwards
+    checks: List[Tuple[str, bool]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok in self.checks)
+
+
+def story(say: Say = print, bdf: str = NVME_BDF) -> DemoResult:
+    """The demo proper, in L1 (or on a host with an IOMMU and a spare NVMe at ``bdf``):
+    bind, boot the guest (console streamed to ``say``), print pykvm's report, give the
+    controller back and read the guest's pattern with L1's driver."""
     from pykvm.lab.l2 import build_guest_initramfs, driver_of, guest_kernel, run_guest, vfio_bound
 
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
     _banner(say, f"L1: Linux {os.uname().release}; NVMe controller {bdf} on driver {driver_of(bdf)}, IOMMU group {group}")
     kernel, modules = guest_kernel()
     pattern = make_pattern(f"demo {time.strftime('%H:%M:%S')} pid {os.getpid()}")
-    checks: List[Tuple[str, bool]] = []
     with tempfile.TemporaryDirectory(prefix="pykvm-demo-") as tmp:
         initrd = build_guest_initramfs(Path(tmp) / "guest.img", guest_script(), ["nvme"],
                                        {"/pattern.bin": pattern}, modules_dir=modules)
@@ -229,24 +249,28 @@ def inside(say: Say = print, bdf: str = NVME_BDF) -> int:
             _banner(say, f"pykvm run ended (exit status {run.returncode}, {run.seconds:.1f} s); its report:")
             for line in run.log.splitlines():
                 say(f"  {line}")
-        after = driver_of(bdf)
-        _banner(say, f"{bdf} given back to L1: driver {after}")
-        block = host_reads_block(bdf, WRITE_LBA) if after == "nvme" else None
-        say(f"L1 reads LBA {WRITE_LBA} with O_DIRECT: {block[:24] if block else None!r}")
+    after = driver_of(bdf)
+    _banner(say, f"{bdf} given back to L1: driver {after}")
+    block = host_reads_block(bdf, WRITE_LBA) if after == "nvme" else None
+    say(f"L1 reads LBA {WRITE_LBA} with O_DIRECT: {block[:PATTERN_SHOWN] if block else None!r}")
     report = GuestReport.parse(run.console)
-    checks += nvme_checks(report, pattern)
-    checks += [
+    checks = nvme_checks(report, pattern) + [
         ("the guest powered off and pykvm exited with status 0", run.returncode == 0),
         ("pykvm printed its exit statistics", "exits by reason" in run.log),
         ("L1's own nvme driver has the controller back", after == "nvme"),
         ("L1 reads the guest's pattern from the device", block == pattern),
     ]
+    return DemoResult(run, report, pattern, after, block, checks)
+
+
+def inside(say: Say = print) -> int:
+    """:func:`story`, then the verdict: 0 when every step was seen to work."""
+    result = story(say)
     _banner(say, "verdict")
-    for text, ok in checks:
+    for text, ok in result.checks:
         say(f"  [{'ok' if ok else 'FAILED'}] {text}")
-    good = all(ok for _, ok in checks)
-    say("demo: passthrough works end to end" if good else "demo: something did not work (see above)")
-    return 0 if good else 1
+    say("demo: passthrough works end to end" if result.ok else "demo: something did not work (see above)")
+    return 0 if result.ok else 1
 
 
 def run_in_lab(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ once, in order, and the tests check what the guest printed (:class:`GuestReport`
 the demo's parser) and what L1 sees before and after:
 
 - ``first``: a ``pykvm run --vfio <nvme>`` while the NVMe is still on L1's nvme driver
-  (refused), then the NVMe alone on vfio-pci: list, bind, MSI-X, read, write with
-  O_DIRECT; afterwards L1's nvme driver reads the guest's pattern;
+  (refused), then ``pykvm lab demo``'s story (:func:`pykvm.lab.demo.story`): the NVMe
+  alone on vfio-pci: list, bind, MSI-X, read, write with O_DIRECT; afterwards L1's nvme
+  driver reads the guest's pattern;
 - ``second``: edu and the same NVMe on vfio-pci; a non-existent BDF next to the NVMe and
   a memlock limit below guest RAM (root without CAP_IPC_LOCK) are refused, then one
   guest drives both devices and finds the first guest's pattern on the disk.
@@ -27,7 +28,7 @@ import pytest
 from pykvm.lab import EDU_BDF, NVME_BDF, cache_root, nvme_sector
 from pykvm.lab.demo import (
     BLOCK, EDU_INVERT_PROBE, GUEST_MARKER, WRITE_LBA, GuestReport, first_block, guest_script,
-    host_reads_block, make_pattern, nvme_checks, sha256,
+    host_reads_block, make_pattern, nvme_checks, sha256, story,
 )
 from pykvm.lab.image import LabUnavailable
 from pykvm.lab.l2 import GUEST_MEMORY, build_guest_initramfs, driver_of, guest_kernel, run_guest, vfio_bound
@@ -68,17 +69,16 @@ def initramfs(guest, name: str, pattern: bytes, **script) -> Path:
 
 @pytest.fixture(scope="module")
 def first(guest):
+    """A run while the NVMe is on L1's driver (refused), then the demo's story itself."""
     assert driver_of(NVME_BDF) == "nvme", "the lab's NVMe starts on L1's nvme driver"
-    kernel = guest[0]
-    pattern = make_pattern("test first")
-    initrd = initramfs(guest, "first", pattern)
-    unbound = run_guest(kernel, initrd, vfio=[NVME_BDF], timeout=ERROR_TIMEOUT)
+    unbound = run_guest(guest[0], initramfs(guest, "unbound", make_pattern("unused")), vfio=[NVME_BDF],
+                        timeout=ERROR_TIMEOUT)
     unbound_after = (driver_of(NVME_BDF), host_reads_block(NVME_BDF, 0))
-    with vfio_bound([NVME_BDF]):
-        run = run_guest(kernel, initrd, vfio=[NVME_BDF], marker=GUEST_MARKER)
-    return {"run": run, "report": GuestReport.parse(run.console), "pattern": pattern,
-            "unbound": unbound, "unbound_after": unbound_after,
-            "driver_after": driver_of(NVME_BDF), "l1_block": host_reads_block(NVME_BDF, WRITE_LBA)}
+    lines = []
+    result = story(say=lines.append)
+    return {"run": result.run, "report": result.report, "pattern": result.pattern, "demo": result,
+            "demo_output": "\n".join(lines), "unbound": unbound, "unbound_after": unbound_after,
+            "driver_after": result.driver_after, "l1_block": result.l1_block}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,13 @@ def test_l1_driver_gets_the_device_back_and_reads_the_guest_pattern(first):
 def test_pykvm_reports_exit_statistics(first):
     log = first["run"].log
     assert "guest poweroff" in log and "exits by reason" in log and "guest marker" in log, log
+
+
+def test_demo_story_passes_every_check_and_shows_it(first):
+    demo, shown = first["demo"], first["demo_output"]
+    assert demo.ok, demo.checks
+    assert "  | [guest] nvme: driver nvme bound to" in shown  # the guest console, streamed
+    assert "exits by reason" in shown and f"L1 reads LBA {WRITE_LBA} with O_DIRECT: b'pykvm passthrough" in shown
 
 
 def test_lab_disk_image_is_never_written(first):
