@@ -220,3 +220,17 @@ def test_root_with_cap_ipc_lock_is_not_bound_by_memlock(first):
     assert soft != resource.RLIM_INFINITY and soft < GUEST_RAM, soft
     assert GUEST_MEMORY == "256M" and first["run"].returncode == 0
     assert os.geteuid() == 0
+
+
+def test_example_30_passes_the_nvme_to_a_guest_and_gives_it_back(second):
+    """examples/30_passthrough_nvme.py as a user runs it (after the fixtures: the NVMe is on nvme)."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "30_passthrough_nvme.py"
+    p = subprocess.run([sys.executable, str(example), NVME_BDF], capture_output=True, text=True,
+                       errors="replace", timeout=300)
+    out = p.stdout
+    assert p.returncode == 0, f"{out[-4000:]}\n{p.stderr[-2000:]}"
+    assert f"host: echo vfio-pci > /sys/bus/pci/devices/{NVME_BDF}/driver_override" in out
+    assert "1b36:0010 driver nvme" in out
+    assert "00000000  50 59 4b 56 4d 2d 4c 41  42 2d 4e 56 4d 45 0a 00  |PYKVM-LAB-NVME..|" in out
+    assert "exits by reason" in out and f"host: {NVME_BDF} back on nvme" in out
+    assert driver_of(NVME_BDF) == "nvme"
