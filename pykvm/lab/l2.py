@@ -11,7 +11,8 @@ prepared); on a real host it is the host's own ``/boot/vmlinuz-$(uname -r)`` wit
 - :func:`vfio_bound`: a context manager that moves PCI functions to vfio-pci
   (:func:`pykvm.host.bind.bind`) and gives them back (:func:`~pykvm.host.bind.restore`);
 - :func:`run_guest`: ``python3 -m pykvm run ...`` in a subprocess with a deadline,
-  streaming the guest console line by line; returns status, console and pykvm's log.
+  streaming the guest console line by line; returns status, console and pykvm's log
+  (:func:`run_streaming` does the same for any VMM, e.g. QEMU in the benches).
 """
 from __future__ import annotations
 
@@ -163,6 +164,12 @@ def run_guest(kernel: Path, initrd: Path, *, vfio: Sequence[str] = (), timeout: 
     line as the guest prints it; ``options`` are :func:`pykvm_argv`'s.
     """
     argv = [*prefix, *pykvm_argv(kernel, initrd, vfio=vfio, timeout=timeout, **options)]
+    return run_streaming(argv, timeout + 60, stream)
+
+
+def run_streaming(argv: Sequence[str], deadline: float, stream: Optional[Callable[[str], None]] = None) -> GuestRun:
+    """Run ``argv`` (a VMM whose stdout is the guest console) with no input, killing it after
+    ``deadline`` seconds; ``stream`` gets each stdout line as it comes."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=ROOT)
@@ -181,11 +188,11 @@ def run_guest(kernel: Path, initrd: Path, *, vfio: Sequence[str] = (), timeout: 
     for t in readers:
         t.start()
     try:
-        returncode = proc.wait(timeout + 60)
+        returncode = proc.wait(deadline)
     except subprocess.TimeoutExpired:
         proc.kill()
         returncode = proc.wait()
-        log.append(f"\n[l2] pykvm run killed: no exit {timeout + 60:.0f} s after start\n")
+        log.append(f"\n[l2] {os.path.basename(argv[0])} killed: no exit {deadline:.0f} s after start\n")
     finally:
         if proc.poll() is None:
             proc.kill()
