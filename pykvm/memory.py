@@ -49,6 +49,7 @@ class MemoryRegion:
     name: str = ""
     readonly: bool = False
     _mm: Optional[mmap.mmap] = field(default=None, repr=False)
+    _view: Optional[memoryview] = field(default=None, repr=False)
     _fd: int = field(default=-1, repr=False)
     host_address: int = field(default=0, repr=False)
 
@@ -59,14 +60,20 @@ class MemoryRegion:
                 f"region {self.name or ''} at {self.gpa:#x}+{self.size:#x}: gpa and size must be "
                 f"positive multiples of {align:#x}"
             )
-        if self.backing == "anon":
-            self._mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            try:
-                self._mm.madvise(mmap.MADV_HUGEPAGE)
-            except (AttributeError, OSError):
-                pass  # no THP on this kernel: 4 KiB pages still work
-        elif self.backing == "shared":
-            self._mm = mmap.mmap(-1, self.size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        offset = 0
+        if self.backing in ("anon", "shared"):
+            # Over-allocate so the region can start on a 2 MiB boundary: KVM maps a guest
+            # huge page only where GPA and host address agree modulo 2 MiB (QEMU aligns too;
+            # kernels before 6.7 do not align large anonymous mappings themselves).
+            private = self.backing == "anon"
+            flags = (mmap.MAP_PRIVATE if private else mmap.MAP_SHARED) | mmap.MAP_ANONYMOUS
+            self._mm = mmap.mmap(-1, self.size + HUGE_PAGE_SIZE, flags=flags)
+            offset = -_host_address(self._mm) % HUGE_PAGE_SIZE
+            if private:
+                try:
+                    self._mm.madvise(mmap.MADV_HUGEPAGE, offset, self.size)
+                except (AttributeError, OSError):
+                    pass  # no THP on this kernel: 4 KiB pages still work
         elif self.backing in ("memfd", "hugetlb"):
             flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if self.backing == "hugetlb" else 0)
             self._fd = os.memfd_create(f"pykvm-{self.name or 'ram'}", flags)
@@ -80,7 +87,8 @@ class MemoryRegion:
                 raise GuestMemoryError(f"cannot allocate {self.size:#x} bytes of {self.backing} memory: {exc}{hint}") from exc
         else:
             raise GuestMemoryError(f"unknown backing {self.backing!r} (anon, shared, memfd, hugetlb)")
-        self.host_address = _host_address(self._mm)
+        self._view = memoryview(self._mm)[offset:offset + self.size]
+        self.host_address = _host_address(self._mm) + offset
 
     @property
     def end(self) -> int:
@@ -92,15 +100,22 @@ class MemoryRegion:
         return self._fd
 
     @property
-    def buffer(self) -> mmap.mmap:
-        if self._mm is None:
+    def buffer(self) -> memoryview:
+        """The region's bytes (writable, exactly ``size`` long)."""
+        if self._view is None:
             raise GuestMemoryError("region is closed")
-        return self._mm
+        return self._view
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         return self.gpa <= gpa and gpa + size <= self.end
 
     def close(self) -> None:
+        if self._view is not None:
+            try:
+                self._view.release()
+            except BufferError:
+                pass  # something still holds the bytes: the mapping goes when it does
+            self._view = None
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -165,7 +180,7 @@ class GuestMemory:
         """A writable view of guest bytes ``[gpa, gpa+size)`` (must lie in one region)."""
         r = self.region_for(gpa, size)
         off = gpa - r.gpa
-        return memoryview(r.buffer)[off:off + size]
+        return r.buffer[off:off + size]
 
     def read(self, gpa: int, size: int) -> bytes:
         return bytes(self.view(gpa, size))
