@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from typing import Any, Dict
 
 from pykvm.vmm.machine import MachineConfig, MachineError
@@ -35,6 +34,8 @@ _PATHS = ("kernel", "initrd")
 
 def load_config(path: str) -> Dict[str, Any]:
     """Read ``path`` and return its fields, checked against MachineConfig, paths made absolute."""
+    import tomllib  # here, not at the top: `pykvm run` without --config does not pay for the parser
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

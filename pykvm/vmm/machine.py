@@ -16,7 +16,8 @@ What the guest sees (a PC without ACPI, like kvmtool's and Firecracker's):
   and i8254 PIT (with the port 0x61 speaker/gate handled in the kernel too).
 - COM1: a 16550A at 0x3F8, IRQ 4, wired to the console; the i8042 at
   0x60/0x64 (only its reset line matters); the CMOS RTC at 0x70; port 0x80
-  (POST codes / Linux's I/O delay) answered in C; PCI configuration
+  (POST codes / Linux's I/O delay) and the ports of absent legacy devices
+  (COM2-4, LPT, Super I/O, DMA pages: all ones) answered in C; PCI configuration
   mechanism #1 at 0xCF8/0xCFC with a host bridge at 00:00.0.
 
 How a run ends (``MachineExit.reason`` and the exit ``status``):
@@ -87,6 +88,16 @@ HALT_CHECK_INTERVAL = 0.25  # seconds between a vCPU's checks for "halted with i
 HALT_CHECKS = 2  # consecutive checks that must agree before the machine counts as powered off
 PANIC_TEXT = b"Kernel panic - not syncing"
 JOIN_TIMEOUT = 5.0
+# Legacy ports Linux probes on a PC but this machine has nothing behind: (base, length, name).
+# They read as all ones (an empty ISA bus), answered in C (ConstantDevice) instead of one Python
+# exit each (~180 us in nested KVM): COM2-4, which the 8250 driver probes; the Super I/O config
+# ports at 0x2E and 0x4E, which drivers probe by writing an unlock key; the DMA page registers
+# around the POST port; the LPT ports.
+ABSENT_PORTS = (
+    (0x2E, 2, "superio-2e"), (0x4E, 2, "superio-4e"), (0x81, 15, "dma-page"),
+    (0x278, 3, "lpt2"), (0x2E8, 8, "com4"), (0x2F8, 8, "com2"), (0x378, 3, "lpt1"), (0x3BC, 3, "lpt3"),
+    (0x3E8, 8, "com3"),
+)
 
 
 class MachineError(ValueError):
@@ -255,6 +266,8 @@ class Machine:
             self.pio.register(port, length, dev, f"i8042-{port:#x}")
         self.pio.register(CMOS_PORT, 2, Cmos(), "cmos")
         self.pio.register(POST_PORT, 1, ConstantDevice(), "post-code")
+        for base, length, name in ABSENT_PORTS:
+            self.pio.register(base, length, ConstantDevice(), name)
         self.pio.register(MARKER_PORT, 1, _MarkerPort(lambda: self.times.mark("guest marker")), "boot-marker")
 
     def _attach_passthrough(self) -> None:
