@@ -83,3 +83,17 @@ def test_random_accesses_never_block_a_writer(ops):
     for _ in range(20):  # the output queue always drains
         devs[DATA_PORT].read(0, 1)
     assert not devs[COMMAND_PORT].read(0, 1)[0] & 0x01
+
+
+def test_aux_loopback_echoes_with_the_auxdata_flag(kbc):
+    """Linux's i8042_check_aux writes 0xD3 then 0x5A and expects 0x5A back from the aux port."""
+    bus, _ = kbc
+    bus.write(COMMAND_PORT, b"\xd3")
+    bus.write(DATA_PORT, b"\x5a")
+    assert status(bus) & 0x21 == 0x21  # output full, from the aux port
+    assert bus.read(DATA_PORT, 1) == b"\x5a"
+    assert not status(bus) & 0x21
+    bus.write(COMMAND_PORT, b"\xd2")
+    bus.write(DATA_PORT, b"\xa5")
+    assert status(bus) & 0x21 == 0x01  # keyboard loopback: not aux data
+    assert bus.read(DATA_PORT, 1) == b"\xa5"

@@ -19,11 +19,13 @@ STATUS_OBF = 0x01  # output buffer full: data waits at 0x60
 STATUS_SYS = 0x04  # system flag: self-test passed
 STATUS_CMD = 0x08  # last write was to the command port
 STATUS_UNLOCKED = 0x10  # keyboard not inhibited
+STATUS_AUXDATA = 0x20  # the byte at 0x60 comes from the aux (mouse) port
 
 CMD_READ_CTR, CMD_WRITE_CTR = 0x20, 0x60
 CMD_SELF_TEST, CMD_KBD_TEST, CMD_AUX_TEST = 0xAA, 0xAB, 0xA9
 CMD_AUX_DISABLE, CMD_AUX_ENABLE, CMD_KBD_DISABLE, CMD_KBD_ENABLE = 0xA7, 0xA8, 0xAD, 0xAE
 CMD_READ_OUTPUT_PORT, CMD_WRITE_OUTPUT_PORT = 0xD0, 0xD1
+CMD_KBD_LOOP, CMD_AUX_LOOP = 0xD2, 0xD3  # echo the next data byte as if the device sent it
 CMD_PULSE_RESET = 0xFE  # 0xF0-0xFF pulse output port bits; bit 0 is the CPU reset line
 SELF_TEST_OK = 0x55
 OUTPUT_PORT_RESET_HIGH = 0x01  # bit 0 low asserts reset
@@ -41,7 +43,7 @@ class I8042:
         self._reset = reset
         self._ctr = CTR_DEFAULT | CTR_SYS
         self._output_port = OUTPUT_PORT_DEFAULT
-        self._out: deque = deque(maxlen=_MAX_OUTPUT)
+        self._out: deque = deque(maxlen=_MAX_OUTPUT)  # (byte, from_aux)
         self._pending_cmd = 0  # a command waiting for its data byte at 0x60
         self._last_was_cmd = False
 
@@ -50,24 +52,28 @@ class I8042:
         return [(DATA_PORT, 1, _Port(self, DATA_PORT)), (COMMAND_PORT, 1, _Port(self, COMMAND_PORT))]
 
     def status(self) -> int:
-        return (STATUS_OBF if self._out else 0) | STATUS_SYS | STATUS_UNLOCKED | (STATUS_CMD if self._last_was_cmd else 0)
+        aux = STATUS_AUXDATA if self._out and self._out[0][1] else 0
+        return (STATUS_OBF if self._out else 0) | aux | STATUS_SYS | STATUS_UNLOCKED | (STATUS_CMD if self._last_was_cmd else 0)
+
+    def _reply(self, value: int, aux: bool = False) -> None:
+        self._out.append((value & 0xFF, aux))
 
     def read_data(self) -> int:
-        return self._out.popleft() if self._out else 0
+        return self._out.popleft()[0] if self._out else 0
 
     def write_command(self, cmd: int) -> None:
         self._last_was_cmd = True
         self._pending_cmd = 0
         if cmd == CMD_READ_CTR:
-            self._out.append(self._ctr)
-        elif cmd in (CMD_WRITE_CTR, CMD_WRITE_OUTPUT_PORT):
+            self._reply(self._ctr)
+        elif cmd in (CMD_WRITE_CTR, CMD_WRITE_OUTPUT_PORT, CMD_KBD_LOOP, CMD_AUX_LOOP):
             self._pending_cmd = cmd
         elif cmd == CMD_SELF_TEST:
-            self._out.append(SELF_TEST_OK)
+            self._reply(SELF_TEST_OK)
         elif cmd in (CMD_KBD_TEST, CMD_AUX_TEST):
-            self._out.append(0x00)  # interface test passed
+            self._reply(0x00)  # interface test passed
         elif cmd == CMD_READ_OUTPUT_PORT:
-            self._out.append(self._output_port)
+            self._reply(self._output_port)
         elif cmd in (CMD_KBD_DISABLE, CMD_KBD_ENABLE):
             self._ctr = self._ctr | 0x10 if cmd == CMD_KBD_DISABLE else self._ctr & ~0x10
         elif cmd in (CMD_AUX_DISABLE, CMD_AUX_ENABLE):
@@ -84,6 +90,8 @@ class I8042:
             self._output_port = value
             if not value & OUTPUT_PORT_RESET_HIGH:
                 self._reset()
+        elif cmd in (CMD_KBD_LOOP, CMD_AUX_LOOP):
+            self._reply(value, aux=cmd == CMD_AUX_LOOP)  # Linux's AUX port probe (i8042_check_aux)
         # Otherwise the byte is for a keyboard that is not there: no reply.
 
 
