@@ -93,6 +93,18 @@ def test_console_input_reaches_a_guest_reading_the_uart(kernel_file):
     assert m.exit.reason is ExitReason.RESET
 
 
+def test_absent_legacy_ports_read_all_ones_answered_in_c(kernel_file):
+    # COM2's LSR and the Super I/O index port: nothing is there, so both read 0xFF (an empty
+    # ISA bus); the guest echoes what it read to COM1, then resets.
+    echo = MOV_DX_COM1 + OUT_DX_AL
+    code = b"\x66\xba\xfd\x02\xec" + echo + b"\xe4\x2e" + echo + RESET + JMP_SELF  # in al, 0x2fd / in al, 0x2e
+    m, con = run(kernel_file(code))
+    assert con.output == b"\xff\xff"
+    (stats,) = m.exit_stats()
+    assert stats.c_handled["IO"] == 4  # two absent-port reads and two THR writes, all in C
+    assert stats.python_handled["IO"] == 1  # only the i8042 reset went to Python
+
+
 def test_c_and_python_loops_agree(kernel_file):
     path = kernel_file(print_bytes(b"same\n") + RESET + JMP_SELF)
     results = []
