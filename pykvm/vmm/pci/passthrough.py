@@ -7,8 +7,10 @@ What the guest touches, and where it goes:
   from the hardware registers), the expansion ROM hidden, and MSI/MSI-X emulated
   by :mod:`msi`/:mod:`msix`. Bytes of the other capabilities (PCIe, PM, ...) are
   read and written on the device, where vfio-pci filters them again. Of the
-  command register only memory/IO decode and bus master reach the device; BAR
-  writes never do.
+  command register only memory/IO decode, bus master and INTx disable reach the
+  device (vfio-pci masks INTx on the last), and of the status register only the
+  interrupt bit is read from it (guests that mask INTx poll it); BAR writes never
+  reach the device.
 - **BARs** are mmap'd once from the device fd and shown to the guest as KVM
   memory slots wherever the guest (or the VMM, firmware-like) places them, so
   the guest's MMIO runs at native speed. Only what cannot be mapped traps:
@@ -47,8 +49,9 @@ from pykvm.vfio.regions import Mmio, Region
 from pykvm.vmm.pci.bus import PciFunction
 from pykvm.vmm.pci.config import (
     ALL_ONES, BAR_MEM_TYPE_64, BAR_MEM_PREFETCH, BAR_SPACE_IO, BASE_ADDRESS_0, CAP_ID_MSI, CAP_ID_MSIX, COMMAND,
-    COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY, CONFIG_SIZE, HEADER_SIZE, HEADER_TYPE, INTERRUPT_LINE,
-    INTERRUPT_PIN, NUM_BARS, STATUS, STATUS_CAP_LIST, BarKind, BarSpec, BarWindow, ConfigSpace,
+    COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MASTER, COMMAND_MEMORY, CONFIG_SIZE, HEADER_SIZE, HEADER_TYPE,
+    INTERRUPT_LINE, INTERRUPT_PIN, NUM_BARS, STATUS, STATUS_CAP_LIST, STATUS_INTERRUPT, BarKind, BarSpec, BarWindow,
+    ConfigSpace,
 )
 from pykvm.vmm.pci.gsi import GsiRouter
 from pykvm.vmm.pci.msi import MsiCap, Vectors
@@ -62,7 +65,7 @@ log = logging.getLogger(__name__)
 PAGE = mmap.PAGESIZE
 INTX, MSI, MSIX = lib.VFIO_PCI_INTX_IRQ_INDEX, lib.VFIO_PCI_MSI_IRQ_INDEX, lib.VFIO_PCI_MSIX_IRQ_INDEX
 CONFIG_REGION = lib.VFIO_PCI_CONFIG_REGION_INDEX
-DECODE_BITS = COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER  # the command bits the device sees
+DEVICE_COMMAND_BITS = COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_INTX_DISABLE  # what the device sees
 HEADER_TYPE_MULTIFUNCTION = 0x80
 BIST = 0x0F
 
@@ -318,7 +321,10 @@ class VfioPciDevice(PciFunction):
             return (1 << 8 * size) - 1 if 0 < size <= 4 else ALL_ONES
         live = self._passthrough[offset:offset + size]
         if not any(live):
-            return self.config.read(offset, size)
+            value = self.config.read(offset, size)
+            if offset <= STATUS < offset + size:
+                value |= self._device_interrupt_status() << 8 * (STATUS - offset)
+            return value
         try:
             real = self._device_config().read(offset, size)
         except (OSError, ValueError) as exc:
@@ -326,6 +332,14 @@ class VfioPciDevice(PciFunction):
             return (1 << 8 * size) - 1
         virt = self.config.get(offset, size).to_bytes(size, "little")
         return int.from_bytes(bytes(r if p else v for r, v, p in zip(real, virt, live)), "little")
+
+    def _device_interrupt_status(self) -> int:
+        """STATUS_INTERRUPT if the device asserts INTx now (also while vfio-pci masks it), else 0."""
+        try:
+            return int.from_bytes(self._device_config().read(STATUS, 1), "little") & STATUS_INTERRUPT
+        except (OSError, ValueError) as exc:
+            log.warning("%s: status read failed: %s", self.target.bdf, exc)
+            return 0
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         if self.closed or not self.config.valid(offset, size):
@@ -346,10 +360,11 @@ class VfioPciDevice(PciFunction):
                 self._device_config().write(offset + i, data[i:j])
                 i = j
             new_command = self.config.get(COMMAND, 2)
-            if (old_command ^ new_command) & DECODE_BITS:
+            if (old_command ^ new_command) & DEVICE_COMMAND_BITS:
                 cfg = self._device_config()
                 real = int.from_bytes(cfg.read(COMMAND, 2), "little")
-                cfg.write(COMMAND, ((real & ~DECODE_BITS) | (new_command & DECODE_BITS)).to_bytes(2, "little"))
+                real = (real & ~DEVICE_COMMAND_BITS) | (new_command & DEVICE_COMMAND_BITS)
+                cfg.write(COMMAND, real.to_bytes(2, "little"))
         except (OSError, ValueError) as exc:
             log.warning("%s: config write %#x/%d failed: %s", self.target.bdf, offset, size, exc)
 
