@@ -174,6 +174,7 @@ class Machine:
     def __init__(self, config: MachineConfig, console: Optional[Console] = None):
         self.config = config
         self.times = BootTimes()
+        self.times.mark("machine init")  # since process start: interpreter start-up and imports
         if not isinstance(config.cpus, int) or not 1 <= config.cpus <= MAX_CPUS:
             raise MachineError(f"--cpus must be between 1 and {MAX_CPUS} (got {config.cpus!r})")
         if config.loop not in ("c", "python"):
@@ -182,6 +183,7 @@ class Machine:
         kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux")
         initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)")
         self.plan: BootPlan = plan_boot(kernel, self.layout, config.cmdline, initrd)
+        self.times.mark("boot plan ready")
         self.console = console if console is not None else open_console(config.console)
         self.console.on_quit = lambda: self.stop(ExitReason.STOPPED, "console escape key")
 

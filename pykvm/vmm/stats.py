@@ -2,9 +2,10 @@
 
 Boot timing is measured from the start of this process (the kernel's record
 of it in /proc/self/stat, so interpreter start-up counts) to milestones the
-machine marks: the VM built, the first vCPU entry, the guest marker (a line
-of console output containing the text the user names, or a byte written to
-the marker port), and the end of the run. Exit statistics are the run loops'
+machine marks: its creation (interpreter start-up and imports done), the
+kernel and initrd read and planned, the VM built, the first vCPU entry, the
+guest marker (a line of console output containing the text the user names,
+or a byte written to the marker port), and the end of the run. Exit statistics are the run loops'
 per-reason counters summed over all vCPUs, laid out like ``perf kvm stat``.
 """
 from __future__ import annotations
