@@ -210,3 +210,21 @@ def test_guest_intx_disable_holds_the_interrupt_until_cleared(edu_intx):
     g.expect(EOI_DONE, 1)
     g.halted()
     assert not g.pin_asserted()
+
+
+def test_intx_is_wired_again_after_the_guest_turns_msi_off(edu_intx):
+    """MSI on and off again (as a driver that falls back does): INTx is back on the same pin."""
+    e, g, m = edu_intx, edu_intx.guest, edu_intx.m
+    o = e.dev.msi.offset
+    m.pci.config_write(0, e.slot, 0, o + 4, 4, 0xFEE0_0000)
+    m.pci.config_write(0, e.slot, 0, o + 2, 2, 0x1)
+    assert e.dev.interrupt_mode == "msi"
+    m.pci.config_write(0, e.slot, 0, o + 2, 2, 0x0)
+    assert e.dev.interrupt_mode == "intx"
+    e.write(EDU_RAISE, 1)
+    g.expect(TAKEN, 1)
+    assert g.pin_asserted() and masked_by_vfio()
+    e.write(EDU_ACK, 1)
+    g.expect(EOI_DONE, 1)
+    assert wait_for(lambda: not masked_by_vfio(), timeout=5)
+    g.halted()
