@@ -35,6 +35,7 @@ from pykvm.errors import KvmError, ioctl_error
 from pykvm.kvm import exits
 from pykvm.kvm.exits import Exit, IoExit, MmioExit
 from pykvm.kvm.vcpu import Vcpu
+from pykvm.kvm.watchdog import WATCHDOG
 from pykvm.vmm.bus import Bus
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,18 @@ class UartFastPath:
     every vCPU's C loop appends transmitted bytes to its ring; ``drain()`` (any
     thread) hands them to the model's output in order."""
 
+    FLUSH_INTERVAL = 0.02  # seconds between drains while a loop runs (output without a newline)
+    IDLE_EXIT = 1.0  # the drain thread ends this long after the last loop left
+
     def __init__(self, base: int, model: FastPathUart, flush_on_newline: bool = True):
         self.model = model
         self.c = ffi.new("struct pykvm_rl_uart *")
         self.c.base = base
         self.c.flush_on_newline = int(flush_on_newline)
         self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._active = 0  # loops inside run_until
+        self._flusher: Optional[threading.Thread] = None
         self._buf = ffi.new("uint8_t[]", lib.PYKVM_RL_UART_RING)
         model.fast_path_listener = self.sync
         self.sync()
@@ -97,6 +104,31 @@ class UartFastPath:
         tx_ok, lsr = self.model.fast_path_state()
         self.c.tx_ok = int(bool(tx_ok))
         self.c.lsr = lsr
+
+    def enter(self) -> None:
+        """A loop starts running: keep one drain thread alive (not one per run_until)."""
+        with self._cond:
+            self._active += 1
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, daemon=True, name="pykvm-uart-drain")
+                self._flusher.start()
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+        self.drain()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._active:
+                    self._cond.wait(self.IDLE_EXIT)
+                    if not self._active:
+                        self._flusher = None
+                        return
+            self.drain()
+            time.sleep(self.FLUSH_INTERVAL)
 
     def drain(self) -> None:
         """Send the bytes C queued to the model's output. Any thread."""
@@ -252,22 +284,18 @@ class _Loop:
         exits happened, or another thread calls kick()/stop()."""
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         self.vcpu.fileno()  # a closed vCPU raises here, before C touches its unmapped kvm_run
-        timer, fired = None, []
+        fired: List[bool] = []
 
         def on_deadline() -> None:  # a guest that never exits still stops
             fired.append(True)
             self.vcpu.kick()
 
-        if timeout is not None:
-            timer = threading.Timer(timeout, on_deadline)
-            timer.daemon = True
-            timer.start()
+        token = None if timeout is None else WATCHDOG.arm(timeout, on_deadline)
         try:
             result = self._run(predicate, deadline, max_exits)
         finally:
-            if timer is not None:
-                timer.cancel()
-                timer.join()  # a kick in flight lands now, not in the next run
+            if token is not None:
+                WATCHDOG.disarm(token)  # after this no kick can land in a later run
         if result.status is Status.INTERRUPTED:
             result.status = Status.STOPPED if self._stopped else Status.DEADLINE if fired else Status.INTERRUPTED
         if not self._stopped and (result.status in (Status.INTERRUPTED, Status.DEADLINE) or fired):
@@ -340,8 +368,6 @@ class PyRunLoop(_Loop):
 class CRunLoop(_Loop):
     """The C loop (csrc/runloop.c) with the Python path for the exits it returns."""
 
-    FLUSH_INTERVAL = 0.02  # seconds between drains of the UART ring while the guest runs
-
     def __init__(self, desc: RunLoop, vcpu: Vcpu):
         super().__init__(desc, vcpu)
         rl = ffi.new("struct pykvm_runloop *")
@@ -377,10 +403,6 @@ class CRunLoop(_Loop):
         if self._uart is not None:
             self._uart.drain()
 
-    def _flusher(self, done: threading.Event) -> None:
-        while not done.wait(self.FLUSH_INTERVAL):
-            self.drain_uart()
-
     def _collect_counters(self) -> None:
         rl = self._rl
         with _COUNTER_LOCK:  # vCPU threads of one machine share the devices
@@ -394,21 +416,16 @@ class CRunLoop(_Loop):
         rl, vcpu, desc = self._rl, self.vcpu, self.desc
         rl.exits_left = ALL_ONES if max_exits is None else max(max_exits, 1)
         rl.deadline_ns = deadline or 0  # C compares the coarse clock: at most a tick late
-        done = threading.Event()
-        flusher = None
         if self._uart is not None:
-            flusher = threading.Thread(target=self._flusher, args=(done,), daemon=True, name="pykvm-uart-drain")
-            flusher.start()
+            self._uart.enter()
         vcpu._thread = threading.get_ident()  # Vcpu.kick() signals this thread
         try:
             return self._loop(rl, vcpu, desc, predicate)
         finally:
             vcpu._thread = None
             rl.last_reason = -1
-            done.set()
-            if flusher is not None:
-                flusher.join()
-            self.drain_uart()
+            if self._uart is not None:
+                self._uart.leave()  # drains what C queued
             self._collect_counters()
 
     def _loop(self, rl, vcpu: Vcpu, desc: RunLoop, predicate) -> RunResult:
