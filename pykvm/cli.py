@@ -18,14 +18,17 @@ _SUBSYSTEMS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The parser; when ``argv`` starts with a known subcommand only its module is imported
+    (``pykvm run`` should not pay for the lab's and the host checks' imports)."""
+    chosen = [(n, m) for n, m in _SUBSYSTEMS if argv and argv[0] == n]
     parser = argparse.ArgumentParser(
         prog="pykvm",
         description="KVM and VFIO from Python: a small VMM with PCI passthrough, host checks and a lab.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for _name, modname in _SUBSYSTEMS:
+    for _name, modname in chosen or _SUBSYSTEMS:
         try:
             module = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
