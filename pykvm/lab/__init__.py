@@ -16,7 +16,7 @@ Python API::
 
 Inside L1: ``PYKVM_IN_LAB=1``; ``PYKVM_LAB_OUT`` (= ``devices.LAB_OUT_GUEST``) is a
 writable directory that is ``result.out_dir`` on the host; ``/tmp`` is a tmpfs; ``HOME``
-is ``/tmp/home``; the checkout is read-only (``PYTHONDONTWRITEBYTECODE=1``).
+is ``/tmp/home``; the checkout is read-only (bytecode goes to ``PYTHONPYCACHEPREFIX=/tmp/pycache``).
 
 Errors: :class:`LabUnavailable` (cannot prepare: missing tools, no kernel), and
 :class:`LabError` (:class:`LabTimeout`, :class:`LabCrash`) with the last console lines.

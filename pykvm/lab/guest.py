@@ -188,7 +188,7 @@ def lab_env(host_env: Mapping[str, str], extra: Optional[Mapping[str, str]] = No
         HOME="/tmp/home",
         TMPDIR="/tmp",
         TERM=host_env.get("TERM", "linux") if interactive else "dumb",
-        PYTHONDONTWRITEBYTECODE="1",
+        PYTHONPYCACHEPREFIX="/tmp/pycache",  # bytecode on L1's tmpfs, never in the read-only checkout
         PYKVM_IN_LAB="1",
         PYKVM_LAB_OUT=LAB_OUT_GUEST,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pykvm.errors import KvmError
+from pykvm.errors import FixableError, KvmError
 from pykvm.vmm.config import load_config, merge
 from pykvm.vmm.machine import DEFAULT_CMDLINE, Machine
 from pykvm.vmm.stats import exit_report
@@ -40,7 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         machine.close()
         print("pykvm run: interrupted", file=sys.stderr)
         return 130
-    except (KvmError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: e.g. PassthroughError
+    except FixableError as exc:  # a --vfio device failed its checks while the machine was built
+        print(f"pykvm run: {exc}", file=sys.stderr)
+        return CONFIG_ERROR
+    except (KvmError, ValueError, OSError, RuntimeError) as exc:
         print(f"pykvm run: {exc}", file=sys.stderr)
         return 1
     print(f"pykvm run: guest {result} (exit status {result.status})", file=sys.stderr)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pytest_inside(*node_ids: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYKVM_REQUIRE_KVM="1", PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYKVM_REQUIRE_KVM="1")
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", *node_ids],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

@@ -57,7 +57,7 @@ def test_lab_env():
     env = lab_env({"PATH": "/p", "PYKVM_REQUIRE_KVM": "1", "SECRET": "no", "TERM": "xterm"}, {"EXTRA": "1"})
     assert env["PATH"] == "/p" and env["PYKVM_REQUIRE_KVM"] == "1" and "SECRET" not in env
     assert env["PYKVM_IN_LAB"] == "1" and env["PYKVM_LAB_OUT"] == LAB_OUT_GUEST
-    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["EXTRA"] == "1" and env["TERM"] == "dumb"
+    assert env["PYTHONPYCACHEPREFIX"] == "/tmp/pycache" and env["EXTRA"] == "1" and env["TERM"] == "dumb"
 
 
 def _feed(parser, lines):
