@@ -74,3 +74,27 @@ def report(title: str, baseline_name: str, results: Dict[str, float], unit: str,
         with open(json_path, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+def rerun_in_lab(script: str, args: List[str], json_name: str, json_dest: Optional[str], timeout: float) -> int:
+    """Run ``script args --json @lab`` inside L1 (for benches that need VFIO), stream its
+    output, and copy the JSON it wrote into the lab's share to ``json_dest``."""
+    from pykvm.lab import Lab, LabError, LabUnavailable
+
+    argv = [sys.executable, os.path.abspath(script), *args, "--json", "@lab"]
+    try:
+        lab = Lab.prepare(progress=lambda m: print(f"[lab] {m}", file=sys.stderr))
+        result = lab.run(argv, timeout=timeout, stream=print)
+    except (LabUnavailable, LabError) as exc:
+        print(f"bench: needs the lab, and it could not run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        produced = result.out_dir / json_name
+        if json_dest and produced.exists():
+            os.makedirs(os.path.dirname(os.path.abspath(json_dest)), exist_ok=True)
+            shutil.copy(produced, json_dest)
+    finally:
+        shutil.rmtree(result.out_dir, ignore_errors=True)
+    print(f"host load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+          f"lab: boot {result.timings['boot']:.1f} s, bench {result.timings['command']:.1f} s")
+    return result.returncode

@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from common import parser  # puts the checkout on sys.path
+from common import parser, rerun_in_lab  # puts the checkout on sys.path
 
 DEBUGFS = "/sys/kernel/debug"
 KVM_STATS = ("exits", "io_exits", "mmio_exits", "irq_injections", "halt_exits")
@@ -221,26 +221,7 @@ def summarize(samples: dict, args) -> dict:
 
 def in_lab(args) -> int:
     """Run this script inside L1 and bring its JSON back."""
-    from pykvm.lab import Lab, LabError, LabUnavailable
-
-    argv = [sys.executable, os.path.abspath(__file__), "--bs", str(args.bs), "--reps", str(args.reps),
-            "--rounds", str(args.rounds), "--json", "@lab"]
-    try:
-        lab = Lab.prepare(progress=lambda m: print(f"[lab] {m}", file=sys.stderr))
-        result = lab.run(argv, timeout=1800, stream=print)
-    except (LabUnavailable, LabError) as exc:
-        print(f"bench: needs the lab, and it could not run: {exc}", file=sys.stderr)
-        return 2
-    try:
-        produced = result.out_dir / "passthrough_dma.json"
-        if args.json and produced.exists():
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            shutil.copy(produced, args.json)
-    finally:
-        shutil.rmtree(result.out_dir, ignore_errors=True)
-    print(f"host load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
-          f"lab: boot {result.timings['boot']:.1f} s, bench {result.timings['command']:.1f} s")
-    return result.returncode
+    return rerun_in_lab(__file__, ["--bs", str(args.bs), "--reps", str(args.reps), "--rounds", str(args.rounds)], "passthrough_dma.json", args.json, timeout=1800)
 
 
 def main() -> int:

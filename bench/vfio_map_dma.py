@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import shutil
 import sys
 
-from common import compile_c, median, parser, report, run_c, temp_dir, time_ns  # puts the checkout on sys.path
+from common import compile_c, median, parser, report, rerun_in_lab, run_c, temp_dir, time_ns  # puts the checkout on sys.path
 
 IOVA = 0x100000
 SIZES = {"4 KiB": 4096, "2 MiB": 2 << 20}
@@ -97,24 +96,7 @@ def measure(args) -> dict:
 
 def in_lab(args) -> int:
     """Run this script inside L1 and bring its JSON back."""
-    from pykvm.lab import Lab, LabError, LabUnavailable
-
-    argv = [sys.executable, os.path.abspath(__file__), "-n", str(args.iterations), "--rounds", str(args.rounds),
-            "--json", "@lab"]
-    try:
-        lab = Lab.prepare(progress=lambda m: print(f"[lab] {m}", file=sys.stderr))
-        result = lab.run(argv, timeout=1200, stream=print)
-    except (LabUnavailable, LabError) as exc:
-        print(f"bench: needs VFIO, and the lab could not run: {exc}", file=sys.stderr)
-        return 2
-    try:
-        produced = result.out_dir / "vfio_map_dma.json"
-        if args.json and produced.exists():
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            shutil.copy(produced, args.json)
-    finally:
-        shutil.rmtree(result.out_dir, ignore_errors=True)
-    return result.returncode
+    return rerun_in_lab(__file__, ["-n", str(args.iterations), "--rounds", str(args.rounds)], "vfio_map_dma.json", args.json, timeout=1200)
 
 
 def main() -> int:

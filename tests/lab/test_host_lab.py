@@ -11,12 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pykvm.lab import EDU_BDF, EDU_ID, NVME_BDF, NVME_ID
+from tests.lab.support import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -33,15 +33,6 @@ def host(*args: str) -> subprocess.CompletedProcess:
 def driver(bdf: str) -> str | None:
     link = PCI / bdf / "driver"
     return os.path.basename(os.readlink(link)) if link.is_symlink() else None
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_check_passes_the_iommu_and_vfio_items():

@@ -12,7 +12,6 @@ import ctypes
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from pykvm.vmm.pci.bus import PciBus
 from pykvm.vmm.pci.config import BASE_ADDRESS_0, COMMAND, ROM_ADDRESS, BarKind
 from pykvm.vmm.pci.gsi import GsiRouter
 from pykvm.vmm.pci.passthrough import PassthroughError, VfioContext, VfioPciDevice
+from tests.lab.support import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -41,15 +41,6 @@ def driver(bdf: str):
 
 def group_of(bdf: str) -> int:
     return int(os.path.basename(os.readlink(PCI / bdf / "iommu_group")))
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 class Binder:

@@ -23,7 +23,8 @@ import pytest
 from pykvm.kvm import InterruptedExit, IoExit, MpState
 from pykvm.lab import EDU_BDF
 from pykvm.vmm.pci.config import COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEMORY, STATUS, STATUS_INTERRUPT
-from tests.lab.test_passthrough_device import bound, machine, open_device, wait_for  # noqa: F401 (fixtures)
+from tests.lab.support import wait_for
+from tests.lab.test_passthrough_device import bound, machine, open_device  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.lab
 
