@@ -45,26 +45,78 @@ static void fill(uint8_t *dst, uint64_t value, uint32_t size, uint32_t count)
         memcpy(dst + (size_t)i * size, &value, size); /* x86: little-endian */
 }
 
-/* Append `count` bytes unless the ring lacks room; returns 0 (full), 1, or 2
- * (appended, and Python should drain now: a newline or the ring half full). */
-static int uart_append(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t count)
+static void uart_lock(struct pykvm_rl_uart *u)
 {
-    int ret = 0;
     while (__atomic_exchange_n(&u->lock, 1, __ATOMIC_ACQUIRE))
         ;
+}
+
+static void uart_unlock(struct pykvm_rl_uart *u)
+{
+    __atomic_store_n(&u->lock, 0, __ATOMIC_RELEASE);
+}
+
+/* Under the lock: set the interrupt line to what the UART's state says, as the
+ * model's _update_irq does (pending interrupt, gated by OUT2). Returns 0 or an errno. */
+static int uart_line(struct pykvm_rl_uart *u)
+{
+    int level = u->line_enable && (u->other_pending || ((u->ier & 2) && u->thre_pending));
+    if (level == u->level)
+        return 0;
+    u->level = level;
+    if (u->vm_fd < 0)
+        return 0;
+    struct kvm_irq_level l = {.irq = (uint32_t)u->gsi, .level = (uint32_t)level};
+    return ioctl(u->vm_fd, KVM_IRQ_LINE, &l) < 0 ? errno : 0;
+}
+
+/* Under the lock: append `count` bytes unless the ring lacks room; returns 0
+ * (full), 1, or 2 (appended, and Python should drain now: a newline or the ring half full). */
+static int uart_append(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t count)
+{
     uint32_t head = u->head;
     uint32_t tail = __atomic_load_n(&u->tail, __ATOMIC_ACQUIRE);
-    if (PYKVM_RL_UART_RING - (head - tail) >= count) {
-        int newline = 0;
-        for (uint32_t i = 0; i < count; i++) {
-            u->ring[(head + i) & (PYKVM_RL_UART_RING - 1)] = data[i];
-            newline |= data[i] == '\n';
-        }
-        __atomic_store_n(&u->head, head + count, __ATOMIC_RELEASE);
-        u->tx_bytes += count;
-        ret = (newline && u->flush_on_newline) || head + count - tail >= PYKVM_RL_UART_RING / 2 ? 2 : 1;
+    if (PYKVM_RL_UART_RING - (head - tail) < count)
+        return 0;
+    int newline = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        u->ring[(head + i) & (PYKVM_RL_UART_RING - 1)] = data[i];
+        newline |= data[i] == '\n';
     }
-    __atomic_store_n(&u->lock, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&u->head, head + count, __ATOMIC_RELEASE);
+    u->tx_bytes += count;
+    return (newline && u->flush_on_newline) || head + count - tail >= PYKVM_RL_UART_RING / 2 ? 2 : 1;
+}
+
+/* A THR write: pure output, or (interrupt mode) output that latches THRE. */
+static int uart_thr(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t count)
+{
+    int ret = 0;
+    uart_lock(u);
+    if (u->tx_ok || u->irq_mode) {
+        ret = uart_append(u, data, count); /* full: Python drains, then the model transmits it */
+        if (ret && u->irq_mode) {
+            u->thre_pending = 1; /* THR is empty again at once: THRE interrupts */
+            uart_line(u);
+        }
+    }
+    uart_unlock(u);
+    return ret;
+}
+
+/* An IIR read in interrupt mode with only THRE as a possible source: report
+ * it and acknowledge it (reading IIR clears THRE), or report none. */
+static int uart_iir(struct pykvm_rl_uart *u, uint8_t *data)
+{
+    int ret = 0;
+    uart_lock(u);
+    if (u->irq_mode && !u->other_pending) {
+        *data = (uint8_t)((u->thre_pending ? 0x02 : 0x01) | u->iir_fifo);
+        u->thre_pending = 0;
+        uart_line(u);
+        ret = 1;
+    }
+    uart_unlock(u);
     return ret;
 }
 
@@ -72,19 +124,29 @@ static int uart_append(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t co
 static int uart_pio(struct pykvm_rl_uart *u, struct kvm_run *run, uint8_t *data)
 {
     uint32_t port = run->io.port, count = run->io.count;
-    if (!u || run->io.size != 1)
+    if (!u || run->io.size != 1 || port < (uint32_t)u->base || port - (uint32_t)u->base > 5)
         return 0;
-    if (port == (uint32_t)u->base && run->io.direction == KVM_EXIT_IO_OUT) {
-        if (!__atomic_load_n(&u->tx_ok, __ATOMIC_ACQUIRE))
-            return 0;
-        return uart_append(u, data, count); /* full: Python drains, then the model transmits it */
-    }
-    if (port == (uint32_t)u->base + 5 && run->io.direction == KVM_EXIT_IO_IN) {
+    uint32_t reg = port - (uint32_t)u->base;
+    if (run->io.direction == KVM_EXIT_IO_OUT)
+        return reg == 0 ? uart_thr(u, data, count) : 0;
+    if (reg == 5) {
         int32_t lsr = __atomic_load_n(&u->lsr, __ATOMIC_ACQUIRE);
         if (lsr < 0)
             return 0;
         memset(data, lsr, count);
         return 1;
+    }
+    if (reg == 2 && count == 1)
+        return uart_iir(u, data);
+    if (reg == 1) {
+        int ret = 0;
+        uart_lock(u);
+        if (u->irq_mode) { /* DLAB=0: IER itself */
+            memset(data, u->ier, count);
+            ret = 1;
+        }
+        uart_unlock(u);
+        return ret;
     }
     return 0;
 }
@@ -188,4 +250,26 @@ uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap)
         out[i] = u->ring[(tail + i) & (PYKVM_RL_UART_RING - 1)];
     __atomic_store_n(&u->tail, tail + n, __ATOMIC_RELEASE);
     return n;
+}
+
+/* The model's new state, all at once under the lock so C never acts on half
+ * of it; thre_pending < 0 keeps C's (the model did not change it). Drives the
+ * line and returns its level, or -errno if KVM_IRQ_LINE failed. */
+int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int irq_mode, int iir_fifo, int ier,
+                       int other_pending, int line_enable, int thre_pending)
+{
+    uart_lock(u);
+    u->tx_ok = tx_ok;
+    u->lsr = lsr;
+    u->irq_mode = irq_mode;
+    u->iir_fifo = iir_fifo;
+    u->ier = ier;
+    u->other_pending = other_pending;
+    u->line_enable = line_enable;
+    if (thre_pending >= 0)
+        u->thre_pending = thre_pending;
+    int err = uart_line(u);
+    int level = u->level;
+    uart_unlock(u);
+    return err ? -err : level;
 }

@@ -39,14 +39,28 @@ struct pykvm_rl_range {
 };
 
 /* The 16550 fast path. The Python UART model publishes what C may do on its
- * own (tx_ok, lsr); transmitted bytes go into a ring that Python drains into
- * the model's output. One per machine: vCPU threads append under `lock`
- * (the guest serializes its THR writes anyway), one drain at a time reads. */
+ * own (pykvm_uart_publish); transmitted bytes go into a ring that Python
+ * drains into the model's output. One per machine: vCPU threads append under
+ * `lock` (the guest serializes its THR writes anyway), one drain at a time reads.
+ *
+ * Interrupt-driven transmit (irq_mode): a THR write also latches the THRE
+ * interrupt, an IIR read reports and acknowledges it. C then owns the
+ * interrupt line: the level and thre_pending change only under `lock`, and
+ * the line is driven with KVM_IRQ_LINE on vm_fd (-1: nothing to drive). */
 struct pykvm_rl_uart {
     int32_t base;               /* first port (THR) */
     int32_t tx_ok;              /* a THR write is pure output (DLAB=0, no THRE irq, no loopback) */
     int32_t lsr;                /* LSR value when reading it has no side effect, else -1 */
     int32_t flush_on_newline;   /* return to Python after a '\n' so lines come out promptly */
+    int32_t vm_fd;
+    int32_t gsi;
+    int32_t irq_mode;           /* DLAB=0, IER.THRE=1, no loopback: C answers THR, IIR, IER reads */
+    int32_t iir_fifo;           /* IIR bits 6-7 (FIFOs enabled) */
+    int32_t ier;
+    int32_t other_pending;      /* an interrupt other than THRE is pending: IIR goes to Python */
+    int32_t line_enable;        /* MCR.OUT2 set and loopback off: pending interrupts reach the line */
+    int32_t thre_pending;
+    int32_t level;              /* the line as last driven */
     uint32_t lock;
     uint32_t head;              /* producers' index */
     uint32_t tail;              /* consumer's index */
@@ -83,6 +97,8 @@ struct pykvm_runloop {
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
+int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int irq_mode, int iir_fifo, int ier,
+                       int other_pending, int line_enable, int thre_pending);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);
 

@@ -24,6 +24,7 @@ struct pykvm_rl_range {
 
 struct pykvm_rl_uart {
     int32_t base; int32_t tx_ok; int32_t lsr; int32_t flush_on_newline;
+    int32_t vm_fd; int32_t gsi; int32_t irq_mode; int32_t thre_pending; int32_t level;
     uint32_t head; uint32_t tail; uint64_t tx_bytes; ...;
 };
 
@@ -49,6 +50,8 @@ struct pykvm_runloop {
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
+int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int irq_mode, int iir_fifo, int ier,
+                       int other_pending, int line_enable, int thre_pending);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);
 """

@@ -26,10 +26,10 @@ import sys
 import termios
 import threading
 import tty
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 from pykvm.vmm.devices.serial import (
-    IER_THRE, LCR_DLAB, LSR_BI, LSR_OE, MCR_LOOP, Serial16550,
+    FCR_ENABLE, IER_THRE, IIR_FIFO_ENABLED, IIR_NONE, LCR_DLAB, LSR_BI, LSR_OE, MCR_LOOP, MCR_OUT2, Serial16550,
 )
 
 ESCAPE = 0x01  # Ctrl-A
@@ -215,61 +215,99 @@ def open_console(spec: str) -> Console:
     raise ValueError(f"unknown console {spec!r}: use stdio, file:PATH or none")
 
 
+class FastPathState(NamedTuple):
+    """What the C run loop may answer on its own (see csrc/runloop.h struct pykvm_rl_uart)."""
+
+    tx_ok: bool          # a THR write only transmits (polled mode)
+    lsr: int             # LSR value if reading it has no side effect, else -1
+    irq_mode: bool       # interrupt-driven transmit: C answers THR, IIR and IER reads
+    iir_fifo: int        # IIR bits 6-7
+    ier: int
+    other_pending: bool  # an interrupt other than THRE is pending
+    line_enable: bool    # OUT2 set, loopback off
+
+
 class ConsoleUart(Serial16550):
     """The 16550 with the C run loop's fast-path hooks (duck-typed by pykvm.vmm.runloop).
 
-    ``fast_path_state()`` tells the C loop when a THR write is pure output and
-    when reading LSR has no side effect; every register access and every
-    ``feed`` republishes that to the listeners, under the model's lock so a
-    newer state is never overwritten by an older one. Each vCPU's C loop sets
-    ``fast_path_listener``; assignments accumulate (one per loop), so all
-    vCPUs see the UART's state.
+    ``irq_line=(vm, gsi)`` wires the interrupt to KVM_IRQ_LINE on the VM, which
+    C can drive too. Once a fast path attaches (``fast_path``), every register
+    access and ``feed`` first takes over what C did (THRE latched by THR
+    writes, acknowledged by IIR reads, the line level), then publishes the new
+    state, under the model's lock; if C can drive the line, the publish drives
+    it, so the level has one owner.
     """
 
     def __init__(self, output: Callable[[bytes], None], irq: Optional[Callable[[bool], None]] = None,
-                 on_rx_space: Optional[Callable[[], None]] = None):
+                 on_rx_space: Optional[Callable[[], None]] = None, irq_line: Optional[Tuple[Any, int]] = None):
+        if irq_line is not None and irq is None:
+            vm, gsi = irq_line
+            irq = lambda level: vm.irq_line(gsi, int(level))  # noqa: E731
         super().__init__(output, irq, on_rx_space)
-        self._listeners: List[Callable[[], None]] = []
+        self.irq_line = irq_line
+        self._fast_path: Any = None
 
     @property
-    def fast_path_listener(self) -> Optional[Callable[[], None]]:
-        return self._listeners[-1] if self._listeners else None
+    def fast_path(self) -> Any:
+        return self._fast_path
 
-    @fast_path_listener.setter
-    def fast_path_listener(self, listener: Optional[Callable[[], None]]) -> None:
+    @fast_path.setter
+    def fast_path(self, fast_path: Any) -> None:
         with self._lock:
-            if listener is not None:
-                self._listeners.append(listener)
+            self._fast_path = fast_path
+            self._publish(keep_thre=False)
 
-    def fast_path_state(self) -> Tuple[bool, int]:
-        """(a THR write only transmits, the LSR value if reading it has no side effect else -1)."""
+    def _c_owns_line(self) -> bool:
+        return self._fast_path is not None and (self._irq is None or self.irq_line is not None)
+
+    def fast_path_state(self) -> FastPathState:
         with self._lock:
             tx = not (self._lcr & LCR_DLAB or self._ier & IER_THRE or self._mcr & MCR_LOOP)
-            return tx, (-1 if self._lsr & (LSR_OE | LSR_BI) else self._lsr)
+            irq_mode = (not self._lcr & LCR_DLAB and bool(self._ier & IER_THRE) and not self._mcr & MCR_LOOP
+                        and self._c_owns_line())
+            return FastPathState(tx, -1 if self._lsr & (LSR_OE | LSR_BI) else self._lsr, irq_mode,
+                                 IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE else 0, self._ier,
+                                 self._pending_other() != IIR_NONE,
+                                 bool(self._mcr & MCR_OUT2) and not self._mcr & MCR_LOOP)
 
     def emit(self, data: bytes) -> None:
         """Bytes the guest wrote to THR through the C fast path."""
         self._output(data)
 
-    def _publish(self) -> None:
-        for listener in self._listeners:
-            listener()
+    def _take_over(self) -> None:
+        if self._c_owns_line():
+            self._thr_pending, self._level = self._fast_path.c_state()
+
+    def _update_irq(self) -> None:
+        if not self._c_owns_line():
+            super()._update_irq()
+
+    def _publish(self, keep_thre: bool) -> None:
+        """Tell C the new state; ``keep_thre``: the model did not touch THRE (feed),
+        so a THR write C handled meanwhile on another vCPU stays latched."""
+        if self._fast_path is not None:
+            level = self._fast_path.publish(self.fast_path_state(), None if keep_thre else self._thr_pending)
+            if self._c_owns_line():
+                self._level = level
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
+            self._take_over()
             out = super().read(offset, size)
-            self._publish()
+            self._publish(keep_thre=False)
         return out
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
+            self._take_over()
             super().write(offset, data)
-            self._publish()
+            self._publish(keep_thre=False)
 
     def feed(self, data: bytes) -> int:
         with self._lock:
+            self._take_over()
             taken = super().feed(data)
-            self._publish()
+            self._publish(keep_thre=True)
         return taken
 
 

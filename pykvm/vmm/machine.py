@@ -260,7 +260,7 @@ class Machine:
 
     def _legacy_devices(self) -> None:
         vm = self.vm
-        self.uart = ConsoleUart(self._console_output, irq=lambda level: vm.irq_line(COM1_IRQ, int(level)),
+        self.uart = ConsoleUart(self._console_output, irq_line=(vm, COM1_IRQ),
                                 on_rx_space=self.console.rx_space)
         self.pio.register(COM1_PORT, REGISTER_COUNT, self.uart, "com1")
         i8042 = I8042(reset=lambda: self._finish_reset("i8042 reset line (reboot=k)"))

@@ -6,7 +6,9 @@ drives two implementations that behave the same:
 - ``CRunLoop``: ``pykvm_runloop_run()`` (csrc/runloop.c) calls KVM_RUN without
   the GIL and answers the frequent, simple exits in C: accesses to ranges whose
   device is a ``ConstantDevice`` (ignored ports, counters) and, while the 16550
-  model says it is safe, THR writes (into a ring Python drains) and LSR reads.
+  model says it is safe, THR writes (into a ring Python drains) and LSR reads;
+  with interrupt-driven transmit also IIR and IER reads, latching THRE and
+  driving the UART's interrupt line with KVM_IRQ_LINE as the model would.
   Every other exit comes back here and takes the Python path.
 - ``PyRunLoop``: ``Vcpu.run()`` and the same Python path for every exit.
 
@@ -67,12 +69,14 @@ class ConstantDevice:
 
 
 class FastPathUart(Protocol):
-    """What a UART model offers for the C transmit fast path (duck-typed)."""
+    """What a UART model offers for the C fast path (duck-typed; see pykvm.vmm.console.ConsoleUart)."""
 
-    fast_path_listener: Optional[Callable[[], None]]
+    fast_path: Optional["UartFastPath"]  # set once: the model publishes to it and takes over from it
+    irq_line: Optional[Tuple[object, int]]  # (vm, gsi) C may drive with KVM_IRQ_LINE, or None
+    irq_level: bool  # the interrupt line's level
 
-    def fast_path_state(self) -> Tuple[bool, int]:
-        """(a THR write only transmits, LSR value if reading it has no side effect else -1)"""
+    def fast_path_state(self) -> tuple:
+        """(tx_ok, lsr, irq_mode, iir_fifo, ier, other_pending, line_enable): see struct pykvm_rl_uart."""
 
     def emit(self, data: bytes) -> None:
         """Send bytes written to THR through the fast path to the model's output."""
@@ -81,7 +85,8 @@ class FastPathUart(Protocol):
 class UartFastPath:
     """The C side of a 16550 fast path (``struct pykvm_rl_uart``), one per machine:
     every vCPU's C loop appends transmitted bytes to its ring; ``drain()`` (any
-    thread) hands them to the model's output in order."""
+    thread) hands them to the model's output in order. In interrupt-driven
+    transmit C also latches and acknowledges THRE and drives the UART's line."""
 
     FLUSH_INTERVAL = 0.02  # seconds between drains while a loop runs (output without a newline)
     IDLE_EXIT = 1.0  # the drain thread ends this long after the last loop left
@@ -91,19 +96,34 @@ class UartFastPath:
         self.c = ffi.new("struct pykvm_rl_uart *")
         self.c.base = base
         self.c.flush_on_newline = int(flush_on_newline)
+        self.c.vm_fd = -1
+        self.c.level = int(model.irq_level)  # the line as the model left it: C drives it from here
+        self._vm = None
+        if model.irq_line is not None:
+            self._vm, gsi = model.irq_line
+            self.c.vm_fd, self.c.gsi = self._vm.fileno(), gsi
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._active = 0  # loops inside run_until
         self._flusher: Optional[threading.Thread] = None
         self._buf = ffi.new("uint8_t[]", lib.PYKVM_RL_UART_RING)
-        model.fast_path_listener = self.sync
-        self.sync()
+        model.fast_path = self
 
-    def sync(self) -> None:
-        """The model's state changed: publish what C may still do on its own."""
-        tx_ok, lsr = self.model.fast_path_state()
-        self.c.tx_ok = int(bool(tx_ok))
-        self.c.lsr = lsr
+    def publish(self, state: tuple, thre_pending: Optional[bool]) -> bool:
+        """The model's new state (``thre_pending`` None: keep C's); returns the line's level."""
+        tx_ok, lsr, irq_mode, iir_fifo, ier, other, line_enable = state
+        if self._vm is not None and self._vm.closed:
+            self.c.vm_fd = -1  # input fed after the machine closed: the fd number may be reused
+        rc = lib.pykvm_uart_publish(self.c, int(tx_ok), lsr, int(irq_mode), iir_fifo, ier, int(other),
+                                    int(line_enable), -1 if thre_pending is None else int(thre_pending))
+        if rc < 0:
+            log.warning("UART interrupt line: %s", ioctl_error(KvmError, -rc, "KVM_IRQ_LINE"))
+            return bool(self.c.level)
+        return bool(rc)
+
+    def c_state(self) -> Tuple[bool, bool]:
+        """(THRE latched, line level) as C left them."""
+        return bool(self.c.thre_pending), bool(self.c.level)
 
     def enter(self) -> None:
         """A loop starts running: keep one drain thread alive (not one per run_until)."""
@@ -171,7 +191,7 @@ class RunLoop:
         """The fast path of the first PIO device that offers one (made once, shared by all loops)."""
         if self._uart is None:
             for r in self.pio.ranges():
-                if r.length > UART_LSR and all(hasattr(r.device, a) for a in ("fast_path_state", "emit")):
+                if r.length > UART_LSR and all(hasattr(r.device, a) for a in ("fast_path_state", "emit", "fast_path")):
                     self._uart = UartFastPath(r.base, r.device, self.uart_flush_on_newline)
                     break
         return self._uart

@@ -88,7 +88,7 @@ class Scratch:
 
 
 def test_console_uart_offers_the_fast_path_hook():
-    assert all(hasattr(ConsoleUart, a) for a in ("fast_path_state", "emit", "fast_path_listener"))
+    assert all(hasattr(ConsoleUart, a) for a in ("fast_path_state", "emit", "fast_path"))
 
 
 class Machine:
@@ -189,12 +189,110 @@ def test_input_fed_from_another_thread_reaches_a_guest_polling_lsr(vm, loop_cls)
 
 
 @pytest.mark.parametrize("loop_cls", LOOPS)
-def test_uart_with_thre_interrupt_enabled_takes_python_path(vm, loop_cls):
-    """IER.THRE on: a THR write changes interrupt state, so only the model may handle it."""
+def test_uart_with_thre_interrupt_enabled_transmits_in_c(vm, loop_cls):
+    """IER.THRE on: THR writes latch THRE; the C loop answers them, only the IER write reaches Python."""
     code = out_dx(COM1_PORT + 1, 1, 0x02) + uart_hello(lsr_poll=False)
     m, loop, result, _ = run_guest(vm, loop_cls, code)
     assert bytes(m.console) == b"hello\n"
-    assert loop.stats.python_handled["IO"] == 7
+    assert loop.stats.python_handled["IO"] == (1 if loop_cls is CRunLoop else 7)
+    assert m.uart.fast_path_state().ier == 0x02 and m.uart._pending() == 0x02  # THRE pending, as C left it
+
+
+# -- interrupt-driven transmit through the in-kernel irqchip ---------------------------
+IRQ_FLAG, IRQ_RX, IRQ_MSG, IRQ_DONE_PORT = 0x6800, 0x6801, 0x8000, 0x300  # message: up to 32 KiB
+
+
+def jcc(op: int, target: int, at: int) -> bytes:
+    """A short jump (opcode ``op``) at offset ``at`` to offset ``target``."""
+    return bytes([op, (target - (at + 2)) & 0xFF])
+
+
+def irq_tx_guest(base: int, rx: bool) -> Tuple[bytes, int]:
+    """Program the master PIC (vectors 8-15, only IRQ 4 unmasked), set OUT2, FIFOs and
+    IER.THRE (and IER.RDA if ``rx``), then halt until the handler has sent the
+    NUL-terminated string at IRQ_MSG one byte per THRE interrupt (read IIR, write THR,
+    EOI) and, if ``rx``, stored a received byte at IRQ_RX; then report on port 0x300.
+    Returns (code, handler address)."""
+    ier = 0x03 if rx else 0x02
+    main = bytearray(b"\x31\xC0\x8E\xD8\x8E\xC0\x8E\xD0\xBC\x00\x70")  # ds = es = ss = 0; sp = 0x7000
+    for port, v in ((0x20, 0x11), (0x21, 0x08), (0x21, 0x04), (0x21, 0x01), (0x21, 0xEF),
+                    (COM1_PORT + 4, 0x08), (COM1_PORT + 2, 0x01), (COM1_PORT + 1, ier)):
+        main += out_dx(port, 1, v)
+    main += b"\xBE" + le(IRQ_MSG, 2) + b"\xFB"  # mov si, msg; sti
+    loop = len(main)
+    main += b"\xF4" + b"\x80\x3E" + le(IRQ_FLAG, 2) + b"\x01"  # hlt; cmp byte [flag], 1
+    main += jcc(0x75, loop, len(main))  # jne loop
+    if rx:
+        main += b"\x80\x3E" + le(IRQ_RX, 2) + b"\x00"  # cmp byte [rx], 0
+        main += jcc(0x74, loop, len(main))  # je loop
+    main += out_dx(IRQ_DONE_PORT, 1, 0xAA) + JMP_SELF
+    top = b"\x50\x52" + in_dx(COM1_PORT + 2, 1) + b"\xA8\x01"  # push ax, dx; in IIR; test al, 1
+    rda = b"\x24\x0E\x3C\x04"  # and al, 0x0e; cmp al, 4 (receive data)
+    read_rx = in_dx(COM1_PORT, 1) + b"\xA2" + le(IRQ_RX, 2)  # in RBR; mov [rx], al
+    send = b"\xAC\x84\xC0"  # lodsb; test al, al
+    thr = b"\xBA" + le(COM1_PORT, 2) + b"\xEE"  # out THR
+    fin = out_dx(COM1_PORT + 1, 1, ier & ~0x02) + b"\xC6\x06" + le(IRQ_FLAG, 2) + b"\x01"  # THRE off; flag = 1
+    eoi = b"\xB0\x20\xE6\x20\x5A\x58\xCF"  # EOI; pop dx, ax; iret
+    # top jnz(eoi) rda jne(send) read_rx jmp(IIR read) send jz(fin) thr jmp(eoi) fin eoi: on an
+    # edge-triggered PIC the handler must re-read IIR after RX, as THRE keeps the line high
+    at_rda = len(top) + 2
+    at_read = at_rda + len(rda) + 2
+    at_send = at_read + len(read_rx) + 2
+    at_fin = at_send + len(send) + 2 + len(thr) + 2
+    at_eoi = at_fin + len(fin)
+    h = bytearray(top) + jcc(0x75, at_eoi, len(top))
+    h += rda + jcc(0x75, at_send, at_rda + len(rda))
+    h += read_rx + jcc(0xEB, 2, at_read + len(read_rx))  # back to the IIR read: THRE may still be pending
+    h += send + jcc(0x74, at_fin, at_send + len(send))
+    h += thr + jcc(0xEB, at_eoi, at_send + len(send) + 2 + len(thr))
+    h += fin + eoi
+    assert len(h) == at_eoi + len(eoi)
+    return bytes(main) + bytes(h), base + len(main)
+
+
+def run_irq_tx(kvm, loop_cls, msg: bytes, feed: bytes = b""):
+    """Run irq_tx_guest on an in-kernel irqchip; ``feed`` arrives from another thread mid-run."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        console = bytearray()
+        pio, mmio = Bus("pio", 1 << 16), Bus("mmio", 1 << 64)
+        uart = ConsoleUart(console.extend, irq_line=(vm, 4))
+        done = Scratch(1)
+        pio.register(COM1_PORT, 8, uart, "com1")
+        pio.register(IRQ_DONE_PORT, 1, done, "done")
+        code, handler = irq_tx_guest(0x1000, rx=bool(feed))
+        cpu, mem = real_mode_vcpu(vm, code)
+        mem.write(4 * (0x08 + 4), le(handler, 2) + le(0, 2))  # IVT: IRQ 4 -> vector 0x0C
+        mem.write(IRQ_MSG, msg + b"\0")
+        loop = loop_cls(RunLoop(pio, mmio), cpu)
+        timer = threading.Timer(0.02, uart.feed, args=(feed,)) if feed else None
+        if timer:
+            timer.start()
+        result = loop.run_until(lambda: done.mem[0] == 0xAA, timeout=20)
+        if timer:
+            timer.join()
+        return bytes(console), loop.stats, result, uart.irq_level, mem.read(IRQ_RX, 1)
+
+
+def test_interrupt_driven_transmit_is_answered_in_c_and_matches_python(kvm):
+    msg = bytes(range(0x20, 0x7F)) * 2 + b"\n"
+    (oc, sc, rc, lc, _), (op, sp, rp, lp, _) = [run_irq_tx(kvm, cls, msg) for cls in LOOPS]
+    assert rc.status is rp.status is Status.PREDICATE
+    assert oc == op == msg
+    assert sc.exits == sp.exits and lc is lp is False
+    # C: every THR write and IIR read (one per byte, one more for the last interrupt)
+    assert sc.c_handled["IO"] == 2 * len(msg) + 1
+    assert sc.python_handled["IO"] == sp.python_handled["IO"] - (2 * len(msg) + 1)
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_input_during_interrupt_driven_transmit_is_not_lost(kvm, loop_cls):
+    """A byte fed from another thread while C latches THRE and drives the line: the
+    receive interrupt still arrives (one owner for the line level) and no output is lost."""
+    msg = b"y" * 4000 + b"\n"
+    out, stats, result, level, rx = run_irq_tx(kvm, loop_cls, msg, feed=b"Z")
+    assert result.status is Status.PREDICATE
+    assert out == msg and rx == b"Z" and level is False
 
 
 def test_ignored_and_counter_ports_never_reach_python(vm):
@@ -277,7 +375,8 @@ def test_failing_handler_stops_the_loop_without_raising(vm, loop_cls):
 
 # -- hypothesis: random port and MMIO accesses -------------------------------------
 SIZES = st.sampled_from([1, 2, 4])
-PORTS = st.one_of(st.sampled_from([0x80, 0x10, 0x1c, 0x300, 0x30c, COM1_PORT, COM1_PORT + 5, COM1_PORT + 3]),
+PORTS = st.one_of(st.sampled_from([0x80, 0x10, 0x1c, 0x300, 0x30c, COM1_PORT, COM1_PORT + 1, COM1_PORT + 2,
+                                    COM1_PORT + 5, COM1_PORT + 3]),
                   st.integers(0, 0xFFFC))
 MMIO_OFFSETS = st.one_of(st.sampled_from([0x100, 0x1f8, 0x1000, 0x10f8, 0x40]), st.integers(0, 0x7FF8))
 

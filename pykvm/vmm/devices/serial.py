@@ -207,12 +207,19 @@ class Serial16550:
 
     def _pending(self) -> int:
         """IIR identification of the highest-priority pending interrupt."""
+        other = self._pending_other()
+        if other in (IIR_RLS, IIR_RDA):
+            return other
+        if self._ier & IER_THRE and self._thr_pending:
+            return IIR_THRE
+        return other
+
+    def _pending_other(self) -> int:
+        """IIR identification of the highest-priority pending interrupt other than THRE."""
         if self._ier & IER_RLS and self._lsr & (LSR_OE | LSR_BI):
             return IIR_RLS
         if self._ier & IER_RDA and self._lsr & LSR_DR:
             return IIR_RDA
-        if self._ier & IER_THRE and self._thr_pending:
-            return IIR_THRE
         if self._ier & IER_MSI and self._msr_deltas:
             return IIR_MSI
         return IIR_NONE
