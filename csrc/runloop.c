@@ -124,16 +124,16 @@ static int uart_iir(struct pykvm_rl_uart *u, uint8_t *data)
 static int uart_pio(struct pykvm_rl_uart *u, struct kvm_run *run, uint8_t *data)
 {
     uint32_t port = run->io.port, count = run->io.count;
-    if (!u || run->io.size != 1 || port < (uint32_t)u->base || port - (uint32_t)u->base > 5)
+    if (!u || run->io.size != 1 || port < (uint32_t)u->base || port - (uint32_t)u->base > 6)
         return 0;
     uint32_t reg = port - (uint32_t)u->base;
     if (run->io.direction == KVM_EXIT_IO_OUT)
         return reg == 0 ? uart_thr(u, data, count) : 0;
-    if (reg == 5) {
-        int32_t lsr = __atomic_load_n(&u->lsr, __ATOMIC_ACQUIRE);
-        if (lsr < 0)
+    if (reg == 5 || reg == 6) { /* LSR, MSR (the 8250 driver reads MSR in every interrupt) */
+        int32_t v = __atomic_load_n(reg == 5 ? &u->lsr : &u->msr, __ATOMIC_ACQUIRE);
+        if (v < 0)
             return 0;
-        memset(data, lsr, count);
+        memset(data, v, count);
         return 1;
     }
     if (reg == 2 && count == 1)
@@ -255,12 +255,13 @@ uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap)
 /* The model's new state, all at once under the lock so C never acts on half
  * of it; thre_pending < 0 keeps C's (the model did not change it). Drives the
  * line and returns its level, or -errno if KVM_IRQ_LINE failed. */
-int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int irq_mode, int iir_fifo, int ier,
+int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,
                        int other_pending, int line_enable, int thre_pending)
 {
     uart_lock(u);
     u->tx_ok = tx_ok;
     u->lsr = lsr;
+    u->msr = msr;
     u->irq_mode = irq_mode;
     u->iir_fifo = iir_fifo;
     u->ier = ier;

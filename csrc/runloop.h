@@ -51,6 +51,7 @@ struct pykvm_rl_uart {
     int32_t base;               /* first port (THR) */
     int32_t tx_ok;              /* a THR write is pure output (DLAB=0, no THRE irq, no loopback) */
     int32_t lsr;                /* LSR value when reading it has no side effect, else -1 */
+    int32_t msr;                /* MSR value when reading it has no side effect (no deltas), else -1 */
     int32_t flush_on_newline;   /* return to Python after a '\n' so lines come out promptly */
     int32_t vm_fd;
     int32_t gsi;
@@ -97,7 +98,7 @@ struct pykvm_runloop {
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
-int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int irq_mode, int iir_fifo, int ier,
+int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,
                        int other_pending, int line_enable, int thre_pending);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);

@@ -50,7 +50,7 @@ struct pykvm_runloop {
 
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
-int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int irq_mode, int iir_fifo, int ier,
+int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,
                        int other_pending, int line_enable, int thre_pending);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);

@@ -220,6 +220,7 @@ class FastPathState(NamedTuple):
 
     tx_ok: bool          # a THR write only transmits (polled mode)
     lsr: int             # LSR value if reading it has no side effect, else -1
+    msr: int             # MSR value if reading it has no side effect (no deltas to clear), else -1
     irq_mode: bool       # interrupt-driven transmit: C answers THR, IIR and IER reads
     iir_fifo: int        # IIR bits 6-7
     ier: int
@@ -265,7 +266,8 @@ class ConsoleUart(Serial16550):
             tx = not (self._lcr & LCR_DLAB or self._ier & IER_THRE or self._mcr & MCR_LOOP)
             irq_mode = (not self._lcr & LCR_DLAB and bool(self._ier & IER_THRE) and not self._mcr & MCR_LOOP
                         and self._c_owns_line())
-            return FastPathState(tx, -1 if self._lsr & (LSR_OE | LSR_BI) else self._lsr, irq_mode,
+            return FastPathState(tx, -1 if self._lsr & (LSR_OE | LSR_BI) else self._lsr,
+                                 -1 if self._msr_deltas else self._modem_status(), irq_mode,
                                  IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE else 0, self._ier,
                                  self._pending_other() != IIR_NONE,
                                  bool(self._mcr & MCR_OUT2) and not self._mcr & MCR_LOOP)

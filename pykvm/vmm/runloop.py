@@ -6,7 +6,7 @@ drives two implementations that behave the same:
 - ``CRunLoop``: ``pykvm_runloop_run()`` (csrc/runloop.c) calls KVM_RUN without
   the GIL and answers the frequent, simple exits in C: accesses to ranges whose
   device is a ``ConstantDevice`` (ignored ports, counters) and, while the 16550
-  model says it is safe, THR writes (into a ring Python drains) and LSR reads;
+  model says it is safe, THR writes (into a ring Python drains) and LSR and MSR reads;
   with interrupt-driven transmit also IIR and IER reads, latching THRE and
   driving the UART's interrupt line with KVM_IRQ_LINE as the model would.
   Every other exit comes back here and takes the Python path.
@@ -76,7 +76,7 @@ class FastPathUart(Protocol):
     irq_level: bool  # the interrupt line's level
 
     def fast_path_state(self) -> tuple:
-        """(tx_ok, lsr, irq_mode, iir_fifo, ier, other_pending, line_enable): see struct pykvm_rl_uart."""
+        """(tx_ok, lsr, msr, irq_mode, iir_fifo, ier, other_pending, line_enable): see struct pykvm_rl_uart."""
 
     def emit(self, data: bytes) -> None:
         """Send bytes written to THR through the fast path to the model's output."""
@@ -111,10 +111,10 @@ class UartFastPath:
 
     def publish(self, state: tuple, thre_pending: Optional[bool]) -> bool:
         """The model's new state (``thre_pending`` None: keep C's); returns the line's level."""
-        tx_ok, lsr, irq_mode, iir_fifo, ier, other, line_enable = state
+        tx_ok, lsr, msr, irq_mode, iir_fifo, ier, other, line_enable = state
         if self._vm is not None and self._vm.closed:
             self.c.vm_fd = -1  # input fed after the machine closed: the fd number may be reused
-        rc = lib.pykvm_uart_publish(self.c, int(tx_ok), lsr, int(irq_mode), iir_fifo, ier, int(other),
+        rc = lib.pykvm_uart_publish(self.c, int(tx_ok), lsr, msr, int(irq_mode), iir_fifo, ier, int(other),
                                     int(line_enable), -1 if thre_pending is None else int(thre_pending))
         if rc < 0:
             log.warning("UART interrupt line: %s", ioctl_error(KvmError, -rc, "KVM_IRQ_LINE"))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pykvm.vmm.bus import Bus
 from pykvm.vmm.console import ConsoleUart
-from pykvm.vmm.devices.serial import COM1_PORT
+from pykvm.vmm.devices.serial import COM1_PORT, MSR_IDLE
 from pykvm.vmm.runloop import ALL_ONES, ConstantDevice, CRunLoop, PyRunLoop, RunLoop, Status
 from tests.kvm.guests import HLT, JMP_SELF, real_mode_vcpu
 
@@ -186,6 +186,15 @@ def test_input_fed_from_another_thread_reaches_a_guest_polling_lsr(vm, loop_cls)
     assert mem.read(RESULTS, 1) == b"A"
     if loop_cls is CRunLoop:
         assert loop.stats.c_handled["IO"] >= 1 and loop.stats.python_handled["IO"] >= 1
+
+
+@pytest.mark.parametrize("loop_cls", LOOPS)
+def test_msr_without_deltas_is_answered_in_c(vm, loop_cls):
+    """The 8250 driver reads MSR in every interrupt: with no delta bits to clear it has no side effect."""
+    code = PROLOGUE + in_dx(COM1_PORT + 6, 1) + store_es(1, RESULTS) + HLT
+    m, loop, result, mem = run_guest(vm, loop_cls, code)
+    assert mem.read(RESULTS, 1) == bytes([MSR_IDLE])
+    assert loop.stats.c_handled["IO"] == (1 if loop_cls is CRunLoop else 0)
 
 
 @pytest.mark.parametrize("loop_cls", LOOPS)
@@ -376,7 +385,7 @@ def test_failing_handler_stops_the_loop_without_raising(vm, loop_cls):
 # -- hypothesis: random port and MMIO accesses -------------------------------------
 SIZES = st.sampled_from([1, 2, 4])
 PORTS = st.one_of(st.sampled_from([0x80, 0x10, 0x1c, 0x300, 0x30c, COM1_PORT, COM1_PORT + 1, COM1_PORT + 2,
-                                    COM1_PORT + 5, COM1_PORT + 3]),
+                                    COM1_PORT + 5, COM1_PORT + 6, COM1_PORT + 3, COM1_PORT + 4]),
                   st.integers(0, 0xFFFC))
 MMIO_OFFSETS = st.one_of(st.sampled_from([0x100, 0x1f8, 0x1000, 0x10f8, 0x40]), st.integers(0, 0x7FF8))
 
