@@ -104,16 +104,19 @@ static int uart_thr(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t count
     return ret;
 }
 
-/* An IIR read in interrupt mode with only THRE as a possible source: report
- * it and acknowledge it (reading IIR clears THRE), or report none. */
+/* An IIR read with only THRE as a possible source: report it and acknowledge
+ * it (reading IIR clears THRE), or report none. */
 static int uart_iir(struct pykvm_rl_uart *u, uint8_t *data)
 {
     int ret = 0;
     uart_lock(u);
     if (u->irq_mode && !u->other_pending) {
-        *data = (uint8_t)((u->thre_pending ? 0x02 : 0x01) | u->iir_fifo);
-        u->thre_pending = 0;
-        uart_line(u);
+        int thre = (u->ier & 2) && u->thre_pending;
+        *data = (uint8_t)((thre ? 0x02 : 0x01) | u->iir_fifo);
+        if (thre) {
+            u->thre_pending = 0;
+            uart_line(u);
+        }
         ret = 1;
     }
     uart_unlock(u);

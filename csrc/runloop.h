@@ -44,7 +44,7 @@ struct pykvm_rl_range {
  * `lock` (the guest serializes its THR writes anyway), one drain at a time reads.
  *
  * Interrupt-driven transmit (irq_mode): a THR write also latches the THRE
- * interrupt, an IIR read reports and acknowledges it. C then owns the
+ * interrupt, an IIR read reports and acknowledges it (if IER enables it). C then owns the
  * interrupt line: the level and thre_pending change only under `lock`, and
  * the line is driven with KVM_IRQ_LINE on vm_fd (-1: nothing to drive). */
 struct pykvm_rl_uart {
@@ -55,7 +55,8 @@ struct pykvm_rl_uart {
     int32_t flush_on_newline;   /* return to Python after a '\n' so lines come out promptly */
     int32_t vm_fd;
     int32_t gsi;
-    int32_t irq_mode;           /* DLAB=0, IER.THRE=1, no loopback: C answers THR, IIR, IER reads */
+    int32_t irq_mode;           /* DLAB=0, no loopback, C may drive the line: C answers THR (latching
+                                   THRE), IIR and IER reads, with or without IER.THRE */
     int32_t iir_fifo;           /* IIR bits 6-7 (FIFOs enabled) */
     int32_t ier;
     int32_t other_pending;      /* an interrupt other than THRE is pending: IIR goes to Python */

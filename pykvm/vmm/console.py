@@ -221,7 +221,7 @@ class FastPathState(NamedTuple):
     tx_ok: bool          # a THR write only transmits (polled mode)
     lsr: int             # LSR value if reading it has no side effect, else -1
     msr: int             # MSR value if reading it has no side effect (no deltas to clear), else -1
-    irq_mode: bool       # interrupt-driven transmit: C answers THR, IIR and IER reads
+    irq_mode: bool       # C answers THR (latching THRE), IIR and IER reads and drives the line
     iir_fifo: int        # IIR bits 6-7
     ier: int
     other_pending: bool  # an interrupt other than THRE is pending
@@ -264,8 +264,7 @@ class ConsoleUart(Serial16550):
     def fast_path_state(self) -> FastPathState:
         with self._lock:
             tx = not (self._lcr & LCR_DLAB or self._ier & IER_THRE or self._mcr & MCR_LOOP)
-            irq_mode = (not self._lcr & LCR_DLAB and bool(self._ier & IER_THRE) and not self._mcr & MCR_LOOP
-                        and self._c_owns_line())
+            irq_mode = not self._lcr & LCR_DLAB and not self._mcr & MCR_LOOP and self._c_owns_line()
             return FastPathState(tx, -1 if self._lsr & (LSR_OE | LSR_BI) else self._lsr,
                                  -1 if self._msr_deltas else self._modem_status(), irq_mode,
                                  IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE else 0, self._ier,

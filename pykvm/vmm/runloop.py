@@ -7,8 +7,8 @@ drives two implementations that behave the same:
   the GIL and answers the frequent, simple exits in C: accesses to ranges whose
   device is a ``ConstantDevice`` (ignored ports, counters) and, while the 16550
   model says it is safe, THR writes (into a ring Python drains) and LSR and MSR reads;
-  with interrupt-driven transmit also IIR and IER reads, latching THRE and
-  driving the UART's interrupt line with KVM_IRQ_LINE as the model would.
+  and IIR and IER reads, latching THRE and driving the UART's interrupt line
+  with KVM_IRQ_LINE as the model would (interrupt-driven transmit stays in C).
   Every other exit comes back here and takes the Python path.
 - ``PyRunLoop``: ``Vcpu.run()`` and the same Python path for every exit.
 
