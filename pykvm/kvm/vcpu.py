@@ -145,9 +145,10 @@ class Vcpu(FdObject):
 
         Sets immediate_exit (the next KVM_RUN returns at once) and signals the
         thread inside KVM_RUN. Clear it with ``vcpu.immediate_exit = False``."""
-        if self._fd < 0:
+        run_c = self._run_c  # close() may clear it from another thread
+        if self._fd < 0 or run_c is None:
             return
-        self._run_c.immediate_exit = 1
+        run_c.immediate_exit = 1
         tid = self._thread
         if tid is not None:
             try:

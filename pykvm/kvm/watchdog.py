@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from typing import Callable, Dict, List, Tuple
+
+log = logging.getLogger(__name__)
 
 
 class Watchdog:
@@ -58,7 +61,10 @@ class Watchdog:
                 heapq.heappop(self._heap)
                 callback = self._armed.pop(token, None)
                 if callback is not None:
-                    callback()  # kicks are short and never block
+                    try:
+                        callback()  # kicks are short and never block
+                    except Exception:  # one bad callback must not end every later deadline
+                        log.exception("watchdog callback failed")
 
 
 WATCHDOG = Watchdog()
