@@ -162,7 +162,7 @@ class ConsoleParser:
         return True
 
 
-def tail(lines: Sequence[str], count: int = 40) -> str:
+def tail(lines: Sequence[str], count: int = 80) -> str:
     """The last ``count`` lines, for error messages."""
     return "\n".join(lines[-count:])
 
