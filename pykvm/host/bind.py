@@ -16,6 +16,7 @@ made before anything is written.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -192,6 +193,23 @@ def bind(root: Root, bdf: str, *, whole_group: bool = False, allow_split: bool =
     return result
 
 
+def _refuse_if_open(bdf: str, group: int) -> None:
+    """Unbinding a device that a VFIO user holds blocks until it lets go (the kernel
+    waits in vfio-pci's remove): refuse instead. Our own process may hold it only
+    through objects waiting for garbage collection: collect them first."""
+    from pykvm.vfio.group import holders  # only on a real system
+
+    path = f"/dev/vfio/{group}"
+    users = holders(path)
+    if any(u.split()[0] == str(os.getpid()) for u in users):
+        gc.collect()
+        users = holders(path)
+    if users:
+        raise HostError(f"{bdf} is open through {path} by {', '.join(users)}: unbinding it from vfio-pci "
+                        "would block until they close it",
+                        "stop that VMM or program (or close its VFIO group and device), then restore again")
+
+
 def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optional[str] = None) -> BindResult:
     """Undo :func:`bind`: clear the override, unbind vfio-pci, let the kernel probe the normal driver."""
     ids = PciIds.load(root)
@@ -212,6 +230,8 @@ def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optio
                 continue
             raise HostError(f"{d.bdf} is bound to {d.driver}, not to vfio-pci: there is nothing of pykvm's to restore",
                             f"unbind it from {d.driver} yourself if that is what you want")
+        if d.driver == VFIO_DRIVER and d.iommu_group is not None and root.is_real:
+            _refuse_if_open(d.bdf, d.iommu_group)
         todo.append((d, saved))
     if not todo:
         return result

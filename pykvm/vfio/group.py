@@ -24,7 +24,7 @@ from pykvm.vfio.errors import VfioUnavailableError, vfio_error
 if TYPE_CHECKING:
     from pykvm.vfio.container import Container
 
-__all__ = ["Group", "GroupStatus", "group_members", "group_of_device", "normalize_bdf"]
+__all__ = ["Group", "GroupStatus", "group_members", "group_of_device", "holders", "normalize_bdf"]
 
 SYSFS = "/sys"
 
@@ -68,7 +68,7 @@ def _format_members(members: List[Tuple[str, Optional[str]]]) -> str:
     return ", ".join(f"{bdf} (driver: {drv or 'none'})" for bdf, drv in members) or "no devices listed in sysfs"
 
 
-def _holders(path: str) -> List[str]:
+def holders(path: str) -> List[str]:
     """``pid (comm)`` of processes that have ``path`` open, as far as /proc lets us see."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -124,7 +124,7 @@ class Group(FdObject):
                              "open") from None
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                who = ", ".join(_holders(self.path)) or "another process"
+                who = ", ".join(holders(self.path)) or "another process"
                 raise vfio_error(errno.EBUSY, f"{self.path} is in use (open in {who}); a group can be open "
                                               "once at a time", "open") from None
             if exc.errno in (errno.EACCES, errno.EPERM):
