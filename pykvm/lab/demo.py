@@ -282,8 +282,9 @@ def run_in_lab(args: argparse.Namespace) -> int:
     try:
         lab = Lab.prepare(install=args.install, progress=lambda m: say(f"lab: {m}"))
         say(f"lab: booting L1 ({lab.image.qemu.name} TCG, Intel IOMMU, NVMe {NVME_BDF}); the demo runs there")
-        result = lab.run([sys.executable, "-m", "pykvm", "lab", "demo", "--inside"], timeout=args.timeout,
-                         stream=say)
+        with tempfile.TemporaryDirectory(prefix="pykvm-demo-") as out:  # L1's share, removed after
+            result = lab.run([sys.executable, "-m", "pykvm", "lab", "demo", "--inside"], timeout=args.timeout,
+                             stream=say, out_dir=Path(out))
     except LabUnavailable as exc:
         print(f"pykvm lab demo: {exc}", file=sys.stderr)
         return 2

@@ -55,7 +55,7 @@ def test_lab_out_is_writable():
 
 def test_run_returns_status_output_and_reports_timeout_and_panic(lab, tmp_path):
     """On the host: three short L1 boots (a failing command, one that overruns, a panic)."""
-    result = lab.run(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo x > $PYKVM_LAB_OUT/f; exit 7"], timeout=60)
+    result = lab.run(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo x > $PYKVM_LAB_OUT/f; exit 7"], timeout=60, out_dir=tmp_path / "out0")
     assert result.returncode == 7
     assert result.output.splitlines() == ["to-stdout", "to-stderr"]
     assert (result.out_dir / "f").read_text() == "x\n"
