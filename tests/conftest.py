@@ -54,3 +54,14 @@ def open_fds() -> int:
 
     gc.collect()
     return len(os.listdir("/proc/self/fd"))
+
+
+def fd_targets() -> list:
+    """What each open fd of this process points at (its /proc/self/fd link)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # the fd listdir itself used, already closed
+    return out

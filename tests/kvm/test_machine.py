@@ -22,6 +22,7 @@ from pykvm.vmm.console import BufferConsole
 from pykvm.vmm.machine import ExitReason, Machine, MachineConfig, MachineError
 from pykvm.vmm.boot import BootError
 from pykvm.vmm.layout import LayoutError
+from tests.conftest import fd_targets
 from tests.unit.kernel_images import make_bzimage, make_elf
 
 pytestmark = pytest.mark.kvm
@@ -206,15 +207,7 @@ def test_triple_fault_ends_the_run_without_crashing_the_vmm(kernel_file):
 
 # -- bad input: clear errors before any VM or vCPU exists -----------------------------
 def kvm_fds() -> List[str]:
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(("anon_inode:kvm-vm", "anon_inode:kvm-vcpu")):
-            out.append(target)
-    return out
+    return [t for t in fd_targets() if t.startswith(("anon_inode:kvm-vm", "anon_inode:kvm-vcpu"))]
 
 
 @pytest.mark.parametrize("case", ["missing-kernel", "truncated-bzimage", "wrong-machine-elf", "initrd-too-large",

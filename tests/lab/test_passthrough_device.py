@@ -25,6 +25,7 @@ from pykvm.vmm.pci.bus import PciBus
 from pykvm.vmm.pci.config import BASE_ADDRESS_0, COMMAND, ROM_ADDRESS, BarKind
 from pykvm.vmm.pci.gsi import GsiRouter
 from pykvm.vmm.pci.passthrough import PassthroughError, VfioContext, VfioPciDevice
+from tests.conftest import fd_targets
 from tests.lab.support import wait_for
 
 pytestmark = pytest.mark.lab
@@ -99,15 +100,7 @@ def open_device(m, bdf: str) -> VfioPciDevice:
 
 
 def vfio_fds() -> list:
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("/dev/vfio") or "vfio-device" in target or "kvm-vfio" in target:
-            out.append(target)
-    return out
+    return [t for t in fd_targets() if t.startswith("/dev/vfio") or "vfio-device" in t or "kvm-vfio" in t]
 
 
 def test_edu_config_space_is_virtualized(machine, bound):
