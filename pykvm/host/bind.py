@@ -196,14 +196,13 @@ def bind(root: Root, bdf: str, *, whole_group: bool = False, allow_split: bool =
 def _refuse_if_open(bdf: str, group: int) -> None:
     """Unbinding a device that a VFIO user holds blocks until it lets go (the kernel
     waits in vfio-pci's remove): refuse instead. Our own process may hold it only
-    through objects waiting for garbage collection: collect them first."""
+    through objects waiting for garbage collection (a device fd outlives nothing else
+    that shows in /proc): collect them first."""
     from pykvm.vfio.group import holders  # only on a real system
 
+    gc.collect()  # our own VFIO objects awaiting collection (device fds included) close now
     path = f"/dev/vfio/{group}"
     users = holders(path)
-    if any(u.split()[0] == str(os.getpid()) for u in users):
-        gc.collect()
-        users = holders(path)
     if users:
         raise HostError(f"{bdf} is open through {path} by {', '.join(users)}: unbinding it from vfio-pci "
                         "would block until they close it",

@@ -102,7 +102,7 @@ else:
             timeout = float(os.environ.get("PYKVM_LAB_TIMEOUT") or 1500)
             root = self.config.rootpath
             argv = [
-                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
+                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs", "-o", "faulthandler_timeout=300",
                 f"--rootdir={root}", f"--junitxml={LAB_OUT_GUEST}/junit.xml",
                 *[str(root / nodeid) for nodeid in self.nodeids],
             ]
