@@ -20,6 +20,7 @@ from pykvm.host.bind import bind, restore
 from pykvm.host.sysfs import Root
 from pykvm.lab import EDU_BDF, NVME_BDF
 from pykvm.vfio import Container, DmaAllocator, EventFd, Group, VfioError, lib
+from tests.lab.support import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -40,10 +41,8 @@ def open_fds() -> int:
 def edu_bound(tmp_path_factory):
     state = str(tmp_path_factory.mktemp("bind"))
     bind(Root(), EDU_BDF, state_dir=state)
-    deadline = time.monotonic() + 10
-    while not Path(f"/dev/vfio/{os.path.basename(os.readlink(f'/sys/bus/pci/devices/{EDU_BDF}/iommu_group'))}").exists():
-        assert time.monotonic() < deadline, "vfio group node did not appear"
-        time.sleep(0.05)
+    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{EDU_BDF}/iommu_group"))
+    assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists(), timeout=10), "vfio group node did not appear"
     yield EDU_BDF
     restore(Root(), EDU_BDF, state_dir=state)
 

@@ -9,7 +9,6 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from pykvm.host.bind import bind, restore
 from pykvm.host.sysfs import Root
 from pykvm.lab import NVME_BDF, NVME_SERIAL
 from pykvm.vfio import Container, EventFd, Group, VfioError, lib
+from tests.lab.support import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -31,10 +31,7 @@ def nvme_bound(tmp_path_factory):
     state = str(tmp_path_factory.mktemp("bind"))
     bind(Root(), NVME_BDF, state_dir=state)
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{NVME_BDF}/iommu_group"))
-    deadline = time.monotonic() + 10
-    while not Path(f"/dev/vfio/{group}").exists():
-        assert time.monotonic() < deadline, "vfio group node did not appear"
-        time.sleep(0.05)
+    assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists(), timeout=10), "vfio group node did not appear"
     yield NVME_BDF
     restore(Root(), NVME_BDF, state_dir=state)
 
