@@ -1,4 +1,4 @@
-"""Preparing the lab: tools, Debian's kernel, L1's initramfs and the NVMe disk, cached.
+"""Preparing the lab: tools, Debian's kernel, L1's initramfs and the NVMe disks, cached.
 
 Everything lives under :func:`cache_root` (``$PYKVM_LAB_CACHE``, else
 ``$XDG_CACHE_HOME/pykvm/lab``, else ``~/.cache/pykvm/lab``), the kernel tree keyed by its
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
-from pykvm.lab.devices import NVME_DISK_SIZE, NVME_SECTOR_SIZE, nvme_sector
+from pykvm.lab.devices import (
+    GROUP_NVME_DISK_MAGIC, GROUP_NVME_DISK_SIZE, NVME_DISK_MAGIC, NVME_DISK_SIZE, NVME_SECTOR_SIZE, nvme_sector,
+)
 from pykvm.lab.guest import L1_MODULES, l1_init_script
 from pykvm.lab.initramfs import build_initramfs
 
@@ -68,6 +70,7 @@ class LabImage:
     disk_path: Path         # the NVMe disk (see pykvm.lab.devices)
     qemu: Path
     busybox: Path
+    group_disk_path: Optional[Path] = None  # the second NVMe's disk; None: no bridge group in L1
 
 
 def _run(argv: List[str], **kwargs) -> subprocess.CompletedProcess:
@@ -235,23 +238,25 @@ def ensure_initrd(version: str, modules_dir: Path, busybox: Path, progress: Prog
     return path
 
 
-def ensure_disk(progress: Progress) -> Path:
-    """The NVMe disk image with the pattern of :func:`pykvm.lab.devices.nvme_sector`.
+def ensure_disk(progress: Progress, name: str = "nvme-disk.img", size: int = NVME_DISK_SIZE,
+                magic: bytes = NVME_DISK_MAGIC) -> Path:
+    """An NVMe disk image with the pattern of :func:`pykvm.lab.devices.nvme_sector`.
 
     QEMU opens it with ``snapshot=on``, so a run that writes to the disk never changes it.
     """
-    path = cache_root() / "nvme-disk.img"
-    if path.exists() and path.stat().st_size == NVME_DISK_SIZE:
+    path = cache_root() / name
+    if path.exists() and path.stat().st_size == size:
         with open(path, "rb") as f:
-            if f.read(NVME_SECTOR_SIZE) == nvme_sector(0):
+            if f.read(NVME_SECTOR_SIZE) == nvme_sector(0, magic):
                 return path
-    progress(f"writing the NVMe disk image ({NVME_DISK_SIZE >> 20} MiB)")
+    progress(f"writing the NVMe disk image {name} ({size >> 20} MiB)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     chunk = 2048  # sectors per write
+    sectors = size // NVME_SECTOR_SIZE
     with open(tmp, "wb") as f:
-        for first in range(0, NVME_DISK_SIZE // NVME_SECTOR_SIZE, chunk):
-            f.write(b"".join(nvme_sector(lba) for lba in range(first, first + chunk)))
+        for first in range(0, sectors, chunk):
+            f.write(b"".join(nvme_sector(lba, magic) for lba in range(first, min(first + chunk, sectors))))
     tmp.replace(path)
     return path
 
@@ -276,7 +281,7 @@ def _cache_lock(progress: Progress) -> Iterator[None]:
 
 
 def prepare(*, install: bool = False, progress: Progress = stderr_progress) -> LabImage:
-    """Make the lab bootable: tools, kernel, initramfs, disk. Raises LabUnavailable."""
+    """Make the lab bootable: tools, kernel, initramfs, disks. Raises LabUnavailable."""
     tools = ensure_tools(install, progress)
     with _cache_lock(progress):
         return _prepare_locked(tools, progress)
@@ -291,4 +296,6 @@ def _prepare_locked(tools: Dict[str, Path], progress: Progress) -> LabImage:
         raise LabUnavailable(f"{kernel} is missing: remove {tree.parent} and re-run prepare")
     initrd = ensure_initrd(version, modules_dir, tools["busybox"], progress)
     disk = ensure_disk(progress)
-    return LabImage(version, kernel, modules_dir, initrd, disk, tools["qemu-system-x86_64"], tools["busybox"])
+    group_disk = ensure_disk(progress, "nvme-group-disk.img", GROUP_NVME_DISK_SIZE, GROUP_NVME_DISK_MAGIC)
+    return LabImage(version, kernel, modules_dir, initrd, disk, tools["qemu-system-x86_64"], tools["busybox"],
+                    group_disk)

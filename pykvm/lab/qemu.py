@@ -4,7 +4,8 @@ L1 is a q35 machine under TCG (QEMU's software CPU, so no host KVM is needed) wi
 emulated Intel IOMMU (``intremap=on`` needs ``kernel-irqchip=split``; ``caching-mode=on``
 makes QEMU see every IOMMU mapping, which VFIO in L1 requires) and the PCI devices of
 :mod:`pykvm.lab.devices` at pinned slots. ``-nodefaults`` keeps the default NIC and VGA
-out, so the device list is exactly what we add.
+out, so the device list is exactly what we add. A conventional PCI bridge carries a
+second edu and NVMe that Linux puts in one IOMMU group with it (no ACS below a PCI bridge).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Deque, List, Optional
 
-from pykvm.lab.devices import EDU_BDF, NVME_BDF, NVME_SERIAL, TESTDEV_BDF
+from pykvm.lab.devices import (
+    EDU_BDF, GROUP_BRIDGE_BDF, GROUP_EDU_BDF, GROUP_NVME_BDF, GROUP_NVME_SERIAL, NVME_BDF, NVME_SERIAL, TESTDEV_BDF,
+)
 from pykvm.lab.guest import HOST_TAG, OUT_TAG
 from pykvm.lab.image import LabImage
 
@@ -27,8 +30,19 @@ KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on iommu=p
 
 
 def _slot(bdf: str) -> str:
-    """``0000:00:05.0`` -> ``05.0`` (QEMU's ``addr=`` on bus 0)."""
+    """``0000:00:05.0`` -> ``05.0`` (QEMU's ``addr=`` on the device's bus)."""
     return bdf.split(":", 2)[2]
+
+
+def _bridge_group(disk: Path) -> List[str]:
+    """The ``pci-bridge`` (its own chassis, no SHPC hotplug controller) at GROUP_BRIDGE_BDF
+    with an edu and an NVMe on ``disk`` (``snapshot=on``: never modified) behind it."""
+    return [
+        "-device", f"pci-bridge,id=lab-bridge,chassis_nr=1,shpc=off,addr={_slot(GROUP_BRIDGE_BDF)}",
+        "-device", f"edu,bus=lab-bridge,addr={_slot(GROUP_EDU_BDF)}",
+        "-drive", f"file={disk},if=none,id=nvg,format=raw,snapshot=on",
+        "-device", f"nvme,drive=nvg,serial={GROUP_NVME_SERIAL},bus=lab-bridge,addr={_slot(GROUP_NVME_BDF)}",
+    ]
 
 
 def qemu_argv(
@@ -57,6 +71,7 @@ def qemu_argv(
         "-drive", f"file={image.disk_path},if=none,id=nvm,format=raw,snapshot=on",
         "-device", f"nvme,drive=nvm,serial={NVME_SERIAL},addr={_slot(NVME_BDF)}",
         "-device", f"pci-testdev,addr={_slot(TESTDEV_BDF)}",
+        *(_bridge_group(image.group_disk_path) if image.group_disk_path else []),
         "-virtfs", f"local,path={host_root},mount_tag={HOST_TAG},security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={out_dir},mount_tag={OUT_TAG},security_model=none,multidevs=remap",
         "-kernel", str(image.kernel_path), "-initrd", str(image.initrd_path),
