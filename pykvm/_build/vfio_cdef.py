@@ -101,6 +101,10 @@ int eventfd(unsigned int initval, int flags);
 /* MAP_DMA/UNMAP_DMA without building the struct in Python (the map/unmap hot path). */
 int pykvm_vfio_map_dma(int fd, uint32_t flags, void *vaddr, uint64_t iova, uint64_t size);
 long long pykvm_vfio_unmap_dma(int fd, uint64_t iova, uint64_t size);
+/* Many of them in one call (pykvm.vfio.dma_batch). */
+size_t pykvm_vfio_map_dma_batch(int fd, uint32_t flags, char *base, const uint64_t *offsets,
+                                const uint64_t *iovas, const uint64_t *sizes, size_t n);
+size_t pykvm_vfio_unmap_dma_batch(int fd, const uint64_t *iovas, const uint64_t *sizes, size_t n);
 """
 
 SOURCE = r"""
@@ -132,6 +136,36 @@ static long long pykvm_vfio_unmap_dma(int fd, uint64_t iova, uint64_t size)
     if (ioctl(fd, VFIO_IOMMU_UNMAP_DMA, &unmap) < 0)
         return -1;
     return (long long)unmap.size;
+}
+
+/* Maps entry i as base + offsets[i] at iovas[i] for sizes[i] bytes, in order, stopping at
+   the first failure. Returns how many entries are mapped (n when all are); errno says why
+   entry <returned> failed. The caller undoes the mapped ones (pykvm_vfio_unmap_dma_batch). */
+static size_t pykvm_vfio_map_dma_batch(int fd, uint32_t flags, char *base, const uint64_t *offsets,
+                                       const uint64_t *iovas, const uint64_t *sizes, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (pykvm_vfio_map_dma(fd, flags, base + offsets[i], iovas[i], sizes[i]) < 0)
+            return i;
+    return n;
+}
+
+/* Unmaps n whole mappings, going on past failures so that as much as possible is unmapped.
+   Returns the first entry the kernel did not unmap exactly (n when there is none), errno set
+   for it (ENOENT: nothing was mapped there any more). */
+static size_t pykvm_vfio_unmap_dma_batch(int fd, const uint64_t *iovas, const uint64_t *sizes, size_t n)
+{
+    size_t first = n;
+    int first_errno = 0;
+    for (size_t i = 0; i < n; i++) {
+        long long done = pykvm_vfio_unmap_dma(fd, iovas[i], sizes[i]);
+        if (done != (long long)sizes[i] && first == n) {
+            first = i;
+            first_errno = done < 0 ? errno : ENOENT;
+        }
+    }
+    errno = first_errno;
+    return first;
 }
 #if defined(__has_include)
 # if __has_include(<linux/iommufd.h>)

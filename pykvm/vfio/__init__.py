@@ -12,6 +12,7 @@ from pykvm._native import lib
 from pykvm.vfio.caps import CapabilityChainError
 from pykvm.vfio.container import Container, DmaMapping, IommuInfo, Migration
 from pykvm.vfio.device import Device, DeviceInfo, HotResetDependent
+from pykvm.vfio.dma_batch import DmaBatch
 from pykvm.vfio.errors import VfioError, VfioUnavailableError
 from pykvm.vfio.eventfd import EventFd
 from pykvm.vfio.group import Group, GroupStatus
@@ -21,8 +22,8 @@ from pykvm.vfio.pci import ConfigSpace, MsixCap
 from pykvm.vfio.regions import Mmio, Region, RegionCaps, RegionInfo, RegionType, SparseArea
 
 __all__ = [
-    "lib", "CapabilityChainError", "Container", "DmaMapping", "IommuInfo", "Migration", "Device", "DeviceInfo",
-    "HotResetDependent", "VfioError", "VfioUnavailableError", "EventFd", "Group", "GroupStatus", "DmaAllocator",
+    "lib", "CapabilityChainError", "Container", "DmaMapping", "DmaBatch", "IommuInfo", "Migration", "Device",
+    "DeviceInfo", "HotResetDependent", "VfioError", "VfioUnavailableError", "EventFd", "Group", "GroupStatus", "DmaAllocator",
     "DmaBuffer", "IovaAllocator", "IrqInfo", "ConfigSpace", "MsixCap", "Mmio", "Region", "RegionCaps",
     "RegionInfo", "RegionType", "SparseArea",
 ]

@@ -2,7 +2,8 @@
 
 Groups join a container, then ``set_iommu`` picks the IOMMU backend (type1v2 on
 x86). ``map_dma`` pins host pages and maps them at an IOVA for every device
-of the container's groups. When the last group leaves, the kernel releases the
+of the container's groups; ``map_dma_batch`` maps many pieces of one buffer with the
+ioctls issued from C. When the last group leaves, the kernel releases the
 IOMMU and unpins every mapping; the container mirrors that in its records.
 """
 from __future__ import annotations
@@ -11,14 +12,15 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm.errors import VfioError
 from pykvm.vfio.caps import query_info, read_array, read_struct, walk_chain
+from pykvm.vfio.dma_batch import ArrayLike, DmaBatch, batch_arrays, check_batch, outside_ranges, u64_pointer
 from pykvm.vfio.errors import VfioUnavailableError, vfio_error
-from pykvm.vfio.iova import Range, format_ranges, merge_ranges
+from pykvm.vfio.iova import Range, merge_ranges
 
 if TYPE_CHECKING:
     from pykvm.vfio.group import Group
@@ -134,6 +136,7 @@ class Container(FdObject):
         super().__init__(fd)
         self._groups: List["Group"] = []
         self._mappings: Dict[int, DmaMapping] = {}
+        self._batches: Dict[DmaBatch, None] = {}  # insertion-ordered set
         self._iommu_type: Optional[int] = None
         self._ranges: Optional[Tuple[Range, ...]] = None
         self.api_version = self._ioctl("VFIO_GET_API_VERSION")
@@ -188,8 +191,9 @@ class Container(FdObject):
 
     # -- DMA ---------------------------------------------------------------
     @property
-    def mappings(self) -> List[DmaMapping]:
-        return list(self._mappings.values())
+    def mappings(self) -> List[Union[DmaMapping, DmaBatch]]:
+        """Every live mapping: a DmaMapping per ``map_dma``, a DmaBatch per ``map_dma_batch``."""
+        return [*self._mappings.values(), *self._batches]
 
     def map_dma(self, buffer: Any, iova: int, size: Optional[int] = None, readable: bool = True,
                 writable: bool = True) -> DmaMapping:
@@ -213,32 +217,79 @@ class Container(FdObject):
             if lo <= iova and last <= hi:
                 break
         else:
-            raise vfio_error(errno.EINVAL, f"IOVA [{iova:#x}, {iova + size:#x}) is outside the container's usable "
-                                           f"IOVA ranges {format_ranges(self.iova_ranges)}", "VFIO_IOMMU_MAP_DMA")
+            raise vfio_error(errno.EINVAL, outside_ranges(iova, size, self.iova_ranges), "VFIO_IOMMU_MAP_DMA")
         flags = (_READ if readable else 0) | (_WRITE if writable else 0)
         if lib.pykvm_vfio_map_dma(self._fd, flags, pin, iova, size) < 0:
-            raise self._map_error(ffi.errno, pin, iova, size)
+            err = ffi.errno
+            raise vfio_error(err, self._map_explanation(err, int(ffi.cast("uintptr_t", pin)), iova, size),
+                             "VFIO_IOMMU_MAP_DMA")
         mapping = self._mappings[iova] = DmaMapping(self, buffer, pin, iova, size, readable, writable)
         return mapping
 
-    def _map_error(self, err: int, pin: Any, iova: int, size: int) -> VfioError:
-        vaddr = int(ffi.cast("uintptr_t", pin))
+    def map_dma_batch(self, buffer: Any, iovas: ArrayLike, sizes: ArrayLike, offsets: Optional[ArrayLike] = None,
+                      readable: bool = True, writable: bool = True) -> DmaBatch:
+        """Map ``buffer[offsets[i]:offsets[i] + sizes[i]]`` at ``iovas[i]`` for every i, the
+        VFIO_IOMMU_MAP_DMA ioctls issued from C; returns one :class:`DmaBatch` to unmap them all.
+
+        ``iovas``/``sizes``/``offsets`` are integer sequences or numpy arrays; ``sizes`` may be
+        one number for all entries, and without ``offsets`` the entries lie back to back from
+        the buffer's start (``map_dma_batch(buf, iovas, 4096)`` maps page i of ``buf`` at
+        ``iovas[i]``). All or nothing: if the kernel refuses entry k, entries 0..k-1 are
+        unmapped again and the VfioError (its ``entry`` attribute is k) says why.
+        """
+        if self._iommu_type is None:
+            self._need_iommu("VFIO_IOMMU_MAP_DMA")
+        pin = ffi.from_buffer("char[]", buffer, writable)
+        offsets_, iovas_, sizes_ = batch_arrays(iovas, sizes, offsets)
+        check_batch(len(pin), offsets_, iovas_, sizes_, self._ranges or self.iova_ranges)
+        flags = (_READ if readable else 0) | (_WRITE if writable else 0)
+        p_iovas, p_sizes, n = u64_pointer(iovas_), u64_pointer(sizes_), len(iovas_)
+        done = lib.pykvm_vfio_map_dma_batch(self._fd, flags, pin, u64_pointer(offsets_), p_iovas, p_sizes, n)
+        if done < n:
+            err = ffi.errno
+            iova, size = int(iovas_[done]), int(sizes_[done])
+            why = self._map_explanation(err, int(ffi.cast("uintptr_t", pin)) + int(offsets_[done]), iova, size)
+            undone = lib.pykvm_vfio_unmap_dma_batch(self._fd, p_iovas, p_sizes, done)
+            if undone < done:  # should not happen: these are whole mappings we just made
+                why += (f"; undoing entries 0..{done - 1} failed at entry {undone} ({os.strerror(ffi.errno)}): "
+                        "close the container to drop every mapping")
+            elif done:
+                why += f"; entries 0..{done - 1}, mapped before it, were unmapped again"
+            exc = vfio_error(err, f"batch entry {done} of {n}: {why}", "VFIO_IOMMU_MAP_DMA")
+            exc.entry = done
+            raise exc
+        batch = DmaBatch(self, buffer, pin, offsets_, iovas_, sizes_, readable, writable)
+        self._batches[batch] = None
+        return batch
+
+    def _map_explanation(self, err: int, vaddr: int, iova: int, size: int) -> str:
+        """What a failed VFIO_IOMMU_MAP_DMA of ``[iova, iova+size)`` from ``vaddr`` means, and what to do."""
         if err == errno.EINVAL and ((vaddr | iova | size) & (mmap.PAGESIZE - 1) or not size):
-            return vfio_error(err, f"map_dma needs page-aligned vaddr ({vaddr:#x}), iova ({iova:#x}) and a "
-                                   f"non-zero page-multiple size ({size:#x}); allocate buffers with mmap (or "
-                                   "DmaAllocator)", "VFIO_IOMMU_MAP_DMA")
+            return (f"map_dma needs page-aligned vaddr ({vaddr:#x}), iova ({iova:#x}) and a non-zero page-multiple "
+                    f"size ({size:#x}); allocate buffers with mmap (or DmaAllocator)")
         if err == errno.EEXIST:
-            clash = [m for m in self._mappings.values() if m.iova < iova + size and iova < m.iova + m.size]
-            what = ", ".join(f"[{m.iova:#x}, {m.iova + m.size:#x})" for m in clash) or "a mapping made elsewhere"
-            return vfio_error(err, f"IOVA [{iova:#x}, {iova + size:#x}) overlaps {what}: unmap it first or "
-                                   "pick another IOVA", "VFIO_IOMMU_MAP_DMA")
+            clash = [(m.iova, m.iova + m.size) for m in self._mappings.values()
+                     if m.iova < iova + size and iova < m.iova + m.size]
+            clash += [entry for b in self._batches for entry in b.overlapping(iova, size)]
+            what = ", ".join(f"[{lo:#x}, {hi:#x})" for lo, hi in sorted(clash)) or "a mapping made elsewhere"
+            return f"IOVA [{iova:#x}, {iova + size:#x}) overlaps {what}: unmap it first or pick another IOVA"
         if err == errno.ENOSPC:
-            return vfio_error(err, "the kernel's limit on DMA mappings is reached (vfio_iommu_type1 "
-                                   "dma_entry_limit)", "VFIO_IOMMU_MAP_DMA")
+            return "the kernel's limit on DMA mappings is reached (vfio_iommu_type1 dma_entry_limit)"
         if err == errno.ENOMEM:
-            return vfio_error(err, "cannot pin the pages: RLIMIT_MEMLOCK too low (raise `ulimit -l`) or out of "
-                                   "memory", "VFIO_IOMMU_MAP_DMA")
-        return vfio_error(err, os.strerror(err), "VFIO_IOMMU_MAP_DMA")
+            return "cannot pin the pages: RLIMIT_MEMLOCK too low (raise `ulimit -l`) or out of memory"
+        return os.strerror(err)
+
+    def _unmap_batch(self, batch: DmaBatch) -> None:
+        """Unmap a batch's live entries in C; the batch is forgotten even if one fails."""
+        iovas, sizes = batch.live_arrays()
+        failed = lib.pykvm_vfio_unmap_dma_batch(self._fd, u64_pointer(iovas), u64_pointer(sizes), len(iovas))
+        err = ffi.errno
+        self._batches.pop(batch, None)
+        batch._forget()
+        if failed < len(iovas):
+            iova, size = int(iovas[failed]), int(sizes[failed])
+            raise vfio_error(err, f"unmap of batch entry [{iova:#x}, {iova + size:#x}) failed: {os.strerror(err)} "
+                                  "(the other entries were unmapped)", "VFIO_IOMMU_UNMAP_DMA")
 
     def unmap_dma(self, iova: int, size: int) -> int:
         """Unmap every mapping inside ``[iova, iova+size)``; returns the bytes the kernel unmapped.
@@ -261,6 +312,10 @@ class Container(FdObject):
             for m in [m for m in self._mappings.values() if iova <= m.iova and m.iova + m.size <= iova + size]:
                 del self._mappings[m.iova]
                 m._forget()
+            for b in list(self._batches):
+                b._drop_inside(iova, size)
+                if not b.mapped:
+                    del self._batches[b]
         if not done:
             raise vfio_error(errno.ENOENT, f"nothing is mapped in [{iova:#x}, {iova + size:#x})",
                              "VFIO_IOMMU_UNMAP_DMA")
@@ -282,9 +337,10 @@ class Container(FdObject):
             self._drop_iommu()
 
     def _drop_iommu(self) -> None:
-        for m in self._mappings.values():
+        for m in [*self._mappings.values(), *self._batches]:
             m._forget()
         self._mappings.clear()
+        self._batches.clear()
         self._iommu_type = None
 
     def _release(self) -> None:
