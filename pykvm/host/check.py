@@ -13,7 +13,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+from pykvm.host.groups import list_groups
 from pykvm.host.kernel import Cmdline, KernelConfig, Modules, kernel_log, read_kernel_config
+from pykvm.host.pci import VFIO_DRIVER
 from pykvm.host.sysfs import Root
 
 __all__ = ["CheckItem", "CheckReport", "run_checks", "parse_size", "KVM_CAPS"]
@@ -285,6 +287,22 @@ def check_vfio_device(h: _Host) -> CheckItem:
     return CheckItem(path, PASS, "present")
 
 
+def check_split_groups(h: _Host) -> CheckItem:
+    """A group with a device on vfio-pci while another stays on a host driver that does DMA
+    is not viable: the kernel lets no VFIO user attach it (usually a half-done bind)."""
+    name = "VFIO groups viable"
+    split = [g for g in list_groups(h.root) if g.blockers and any(d.driver == VFIO_DRIVER for d in g.devices)]
+    if not split:
+        return CheckItem(name, PASS, "no IOMMU group has devices on vfio-pci and on host drivers at once")
+    detail = "; ".join(
+        f"group {g.number}: {', '.join(d.bdf for d in g.devices if d.driver == VFIO_DRIVER)} on vfio-pci, "
+        f"{', '.join(f'{d.bdf} on {d.driver}' for d in g.blockers)}" for g in split)
+    first = [next(d.bdf for d in g.devices if d.driver == VFIO_DRIVER) for g in split]
+    return CheckItem(name, WARN, f"not viable, VFIO cannot open them: {detail}",
+                     " or ".join(f"`pykvm host bind --group {b}`" for b in first) + " (all of a group to vfio-pci), or "
+                     + " and ".join(f"`pykvm host restore --group {b}`" for b in first) + " (all back to the host)")
+
+
 def check_acs_override(h: _Host) -> CheckItem:
     name = "pci_acs_override"
     value = h.cmdline.get("pci_acs_override") if h.cmdline else None
@@ -341,7 +359,7 @@ def run_checks(root: Optional[Root] = None, memory: int = 1 << 30) -> CheckRepor
     items = [
         check_cpu(h), check_kvm_device(h), check_kvm_caps(h), *check_kconfig(h),
         check_iommu_cmdline(h), check_iommu_log(h), check_iommu_groups(h), check_irq_remapping(h),
-        *check_vfio_modules(h), check_vfio_device(h), check_acs_override(h),
+        *check_vfio_modules(h), check_vfio_device(h), check_split_groups(h), check_acs_override(h),
         check_memlock(h, memory), check_hugepages(h, memory),
     ]
     return CheckReport(str(root.path), memory, items)

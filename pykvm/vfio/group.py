@@ -146,10 +146,14 @@ class Group(FdObject):
 
     def _require_viable(self, op: str) -> None:
         if not self.status.viable:
-            others = [(b, d) for b, d in self.members() if d not in ("vfio-pci", None)]
-            raise vfio_error(errno.EPERM, f"group {self.number} is not viable: every device in it must be bound to "
-                                          f"vfio-pci or unbound; these are not: {_format_members(others)}. Fix: "
-                                          f"`pykvm host bind {' '.join(b for b, _ in others)}`", op)
+            members = self.members()
+            others = [(b, d) for b, d in members if d not in ("vfio-pci", None)]
+            fix = " ".join(b for b, _ in others)
+            raise vfio_error(errno.EPERM, f"group {self.number} is not viable: the IOMMU cannot isolate its devices "
+                                          "from each other, so VFIO gives the group out only once none of them is "
+                                          f"on a host driver; still on one: {_format_members(others)}. Members: "
+                                          f"{_format_members(members)}. Fix: `pykvm host bind {fix}` (`pykvm host "
+                                          f"restore {fix}` gives {'it' if len(others) == 1 else 'them'} back)", op)
 
     def set_container(self, container: "Container") -> None:
         """Join ``container`` (its IOMMU context); the group must be viable."""

@@ -98,7 +98,8 @@ def check_device(device: str, sysfs: str = "/sys") -> Target:
         raise PassthroughError(
             f"IOMMU group {group} of {bdf} is not viable: {', '.join(b for b, _ in blockers)} still "
             f"{'has a host driver' if len(blockers) == 1 else 'have host drivers'}; the group holds {listing}",
-            f"`pykvm host bind --group {bdf}` (every device of a group goes to the guest's IOMMU domain together)")
+            f"`pykvm host bind --group {bdf}` (the IOMMU isolates groups, not devices: every device of a group goes "
+            f"to the guest's IOMMU domain together); `pykvm host restore --group {bdf}` gives them back afterwards")
     return Target(bdf, int(group), ids)
 
 
