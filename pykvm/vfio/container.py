@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
+import numpy as np
+
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm.errors import VfioError
@@ -240,27 +242,35 @@ class Container(FdObject):
         if self._iommu_type is None:
             self._need_iommu("VFIO_IOMMU_MAP_DMA")
         pin = ffi.from_buffer("char[]", buffer, writable)
-        offsets_, iovas_, sizes_ = batch_arrays(iovas, sizes, offsets)
-        check_batch(len(pin), offsets_, iovas_, sizes_, self._ranges or self.iova_ranges)
-        flags = (_READ if readable else 0) | (_WRITE if writable else 0)
-        p_iovas, p_sizes, n = u64_pointer(iovas_), u64_pointer(sizes_), len(iovas_)
-        done = lib.pykvm_vfio_map_dma_batch(self._fd, flags, pin, u64_pointer(offsets_), p_iovas, p_sizes, n)
-        if done < n:
-            err = ffi.errno
-            iova, size = int(iovas_[done]), int(sizes_[done])
-            why = self._map_explanation(err, int(ffi.cast("uintptr_t", pin)) + int(offsets_[done]), iova, size)
-            undone = lib.pykvm_vfio_unmap_dma_batch(self._fd, p_iovas, p_sizes, done)
-            if undone < done:  # should not happen: these are whole mappings we just made
-                why += (f"; undoing entries 0..{done - 1} failed at entry {undone} ({os.strerror(ffi.errno)}): "
-                        "close the container to drop every mapping")
-            elif done:
-                why += f"; entries 0..{done - 1}, mapped before it, were unmapped again"
-            exc = vfio_error(err, f"batch entry {done} of {n}: {why}", "VFIO_IOMMU_MAP_DMA")
-            exc.entry = done
-            raise exc
+        try:
+            offsets_, iovas_, sizes_ = batch_arrays(iovas, sizes, offsets)
+            check_batch(len(pin), offsets_, iovas_, sizes_, self._ranges or self.iova_ranges)
+            self._map_batch(pin, offsets_, iovas_, sizes_, (_READ if readable else 0) | (_WRITE if writable else 0))
+        except BaseException:
+            ffi.release(pin)  # the traceback keeps this frame: let the caller close the buffer
+            raise
         batch = DmaBatch(self, buffer, pin, offsets_, iovas_, sizes_, readable, writable)
         self._batches[batch] = None
         return batch
+
+    def _map_batch(self, pin: Any, offsets: np.ndarray, iovas: np.ndarray, sizes: np.ndarray, flags: int) -> None:
+        """Map every entry in C; if entry k fails, unmap 0..k-1 (in C) and raise why k failed."""
+        p_iovas, p_sizes, n = u64_pointer(iovas), u64_pointer(sizes), len(iovas)
+        done = lib.pykvm_vfio_map_dma_batch(self._fd, flags, pin, u64_pointer(offsets), p_iovas, p_sizes, n)
+        if done == n:
+            return
+        err = ffi.errno
+        iova, size = int(iovas[done]), int(sizes[done])
+        why = self._map_explanation(err, int(ffi.cast("uintptr_t", pin)) + int(offsets[done]), iova, size)
+        undone = lib.pykvm_vfio_unmap_dma_batch(self._fd, p_iovas, p_sizes, done)
+        if undone < done:  # should not happen: these are whole mappings just made
+            why += (f"; undoing entries 0..{done - 1} failed at entry {undone} ({os.strerror(ffi.errno)}): "
+                    "close the container to drop every mapping")
+        elif done:
+            why += f"; entries 0..{done - 1}, mapped before it, were unmapped again"
+        exc = vfio_error(err, f"batch entry {done} of {n}: {why}", "VFIO_IOMMU_MAP_DMA")
+        exc.entry = done
+        raise exc
 
     def _map_explanation(self, err: int, vaddr: int, iova: int, size: int) -> str:
         """What a failed VFIO_IOMMU_MAP_DMA of ``[iova, iova+size)`` from ``vaddr`` means, and what to do."""
