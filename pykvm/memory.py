@@ -6,7 +6,10 @@ MADV_HUGEPAGE, as QEMU uses: transparent huge pages make the guest's nested
 page tables use 2 MiB pages), ``shared`` (MAP_SHARED anonymous), ``memfd``
 (shareable with another process by fd) and ``hugetlb`` (memfd on reserved
 huge pages). KVM sees them through memslots
-(``Vm.map_memory``); VFIO maps the same host pages for device DMA. All
+(``Vm.map_memory``); VFIO maps the same host pages for device DMA.
+``MemoryRegion.huge_page_bytes()`` says how much of a region huge pages back now
+(``/proc/self/smaps``): KVM's nested page tables and the IOMMU map a 2 MiB page
+as one entry only when the host page under it is huge. All
 accessors take guest-physical addresses and are bounds-checked: an access
 that leaves the region raises ``GuestMemoryError`` naming the range.
 """
@@ -93,6 +96,27 @@ class MemoryRegion:
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+    def huge_page_bytes(self, smaps: str = "/proc/self/smaps") -> int:
+        """Bytes of the region that huge pages back now: all of a ``hugetlb`` region; for the
+        others, the transparent huge pages the kernel reports in ``smaps`` (AnonHugePages,
+        ShmemPmdMapped) for the mappings inside the region (MADV_HUGEPAGE made the region
+        its own mapping). Pages not touched yet are not backed by anything."""
+        if self._mm is None:
+            raise GuestMemoryError("region is closed")
+        if self.backing == "hugetlb":
+            return self.size
+        start, end = self.host_address, self.host_address + self.size
+        total, inside = 0, False
+        with open(smaps) as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and ":" not in head:
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo < end and start < hi
+                elif inside and head in ("AnonHugePages:", "ShmemPmdMapped:"):
+                    total += int(line.split()[1]) * 1024
+        return min(total, self.size)
 
     @property
     def fd(self) -> int:

@@ -1,0 +1,83 @@
+"""MemoryRegion.huge_page_bytes: how much of guest RAM huge pages back (smaps parsing, real THP)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pykvm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemoryError, MemoryRegion
+
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_mode() -> str:
+    """The bracketed choice of THP's 'enabled' knob ('never' when the kernel has no THP)."""
+    try:
+        text = THP_ENABLED.read_text()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.fixture(scope="module")
+def region():
+    r = MemoryRegion(0, 8 * HUGE_PAGE_SIZE, name="ram")
+    yield r
+    r.close()
+
+
+def test_untouched_anonymous_memory_has_no_huge_pages_and_touched_memory_has_them():
+    r = MemoryRegion(0, 8 * HUGE_PAGE_SIZE, name="ram")
+    try:
+        assert r.huge_page_bytes() == 0  # nothing faulted in yet
+        if thp_mode() == "never":
+            pytest.skip("transparent huge pages are off on this host (never)")
+        for offset in range(0, r.size, PAGE_SIZE):
+            r.buffer[offset] = 1
+        huge = r.huge_page_bytes()
+        # 2 MiB-aligned and MADV_HUGEPAGE: every 2 MiB page is huge unless memory is fragmented
+        assert huge % HUGE_PAGE_SIZE == 0 and 0 < huge <= r.size
+    finally:
+        r.close()
+
+
+def test_a_closed_region_refuses():
+    r = MemoryRegion(0, HUGE_PAGE_SIZE)
+    r.close()
+    with pytest.raises(GuestMemoryError, match="closed"):
+        r.huge_page_bytes()
+
+
+def _vma(lo: int, hi: int, anon_kb: int, shmem_kb: int) -> str:
+    return (f"{lo:x}-{hi:x} rw-p 00000000 00:00 0 \nSize:  {(hi - lo) >> 10} kB\n"
+            f"AnonHugePages:  {anon_kb} kB\nShmemPmdMapped:  {shmem_kb} kB\nTHPeligible:    1\nVmFlags: rd wr mr\n")
+
+
+@settings(max_examples=60)
+@given(vmas=st.lists(st.tuples(st.integers(-12, 12), st.integers(1, 6), st.integers(0, 4), st.integers(0, 2)),
+                     max_size=6))
+def test_only_mappings_that_overlap_the_region_count(region, tmp_path_factory, vmas):
+    """A fake smaps of mappings around the region (offsets in 2 MiB units): the sum of their
+    huge pages counts only for those that overlap it, capped at the region's size."""
+    base, text, expected = region.host_address, "", 0
+    for start, length, anon, shmem in sorted(vmas):
+        lo, hi = base + start * HUGE_PAGE_SIZE, base + (start + length) * HUGE_PAGE_SIZE
+        text += _vma(lo, hi, anon * 2048, shmem * 2048)
+        if lo < base + region.size and base < hi:
+            expected += (anon + shmem) * HUGE_PAGE_SIZE
+    smaps = tmp_path_factory.mktemp("smaps") / "smaps"
+    smaps.write_text(text)
+    assert region.huge_page_bytes(str(smaps)) == min(expected, region.size)
+
+
+def test_hugetlb_memory_is_all_huge():
+    try:
+        r = MemoryRegion(0, HUGE_PAGE_SIZE, backing="hugetlb")
+    except GuestMemoryError as exc:
+        pytest.skip(f"no reserved huge pages here: {exc}")
+    try:
+        assert r.huge_page_bytes() == r.size
+    finally:
+        r.close()
