@@ -10,9 +10,14 @@ Batch: one ``map_dma_batch`` maps the same buffer at N consecutive IOVAs (N = th
 of pairs), one ``DmaBatch.unmap()`` unmaps them; its baseline is the C program issuing
 the same N maps, then the same N unmaps ("C batch").
 
-Both sides map an anonymous buffer with transparent huge pages off (MADV_NOHUGEPAGE):
-L1's THP is "always", and whether a huge page backs a 2 MiB buffer depends on where mmap
-placed it, which changed the pinning cost by up to 2x between the two processes.
+Both sides allocate the buffer the same way (``dma_buffer`` here, ``dma_buffer()`` in C):
+4 KiB is one plain page (MADV_NOHUGEPAGE); 2 MiB is one transparent huge page (2 MiB
+aligned, MADV_HUGEPAGE, touched). With plain pages, a 2 MiB map cost 0.4-1.8 ms depending
+on how physically scattered the process's pages happened to be (most likely because type1
+maps each physically contiguous run with one IOMMU call, and with caching-mode every call
+is an IOTLB invalidation the emulated IOMMU processes), so C and Python differed by up to
+3x from one process to the next.
+
 Variants interleave over a few rounds; the median per map+unmap pair is reported.
 Target: pykvm within 1.2x of C.
 
@@ -35,6 +40,30 @@ IOVA = 0x100000
 SIZES = {"4 KiB": 4096, "2 MiB": 2 << 20}
 TARGET = 1.2
 VARIANTS = ("C", "pykvm", "floor", "C batch", "pykvm batch")
+
+
+HUGE = 2 << 20
+
+
+def dma_buffer(size: int):
+    """``(mapping, buffer)``: a plain anonymous page for 4 KiB, a THP-backed 2 MiB-aligned
+    region for multiples of 2 MiB, touched; as ``dma_buffer()`` in c/vfio_map_dma.c."""
+    from pykvm._native import ffi
+
+    thp = size % HUGE == 0
+    mapping = mmap.mmap(-1, size + HUGE if thp else size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with ffi.from_buffer(mapping) as p:
+        offset = -int(ffi.cast("uintptr_t", p)) % HUGE if thp else 0
+    mapping.madvise(mmap.MADV_HUGEPAGE if thp else mmap.MADV_NOHUGEPAGE, offset, size)
+    buffer = memoryview(mapping)[offset:offset + size]
+    buffer[:] = bytes(size)
+    return mapping, buffer
+
+
+def thp_kib() -> int:
+    """AnonHugePages of this process (kB): says whether the 2 MiB buffer got its huge page."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
 
 
 def pykvm_pair_ns(container, buffer, n: int) -> float:
@@ -83,13 +112,16 @@ def pykvm_run(group_number: int, size: int, n: int) -> dict:
     with Container() as c, Group(group_number) as g:
         g.set_container(c)
         c.set_iommu()
-        buffer = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buffer.madvise(mmap.MADV_NOHUGEPAGE)  # as in C: THP or not would depend on the address mmap picked
+        thp_before = thp_kib()
+        mapping, buffer = dma_buffer(size)
+        if size % HUGE == 0 and thp_kib() - thp_before < size // 1024:
+            print(f"warning: the {size >> 20} MiB buffer did not get transparent huge pages", file=sys.stderr)
         pykvm_pair_ns(c, buffer, 10)  # warm up: fault the pages in, and let TCG translate the code paths
         batch_pair_ns(c, buffer, 10)  # (a first call through numpy costs milliseconds of translation in L1)
         out = {"pykvm": pykvm_pair_ns(c, buffer, n), "floor": floor_pair_ns(c, buffer, n),
                "pykvm batch": batch_pair_ns(c, buffer, n)}
-    buffer.close()
+    buffer.release()
+    mapping.close()
     return out
 
 

@@ -6,8 +6,7 @@
  *   pairs (default): map at IOVA and unmap again, ITERATIONS times;
  *   batch: map at IOVA + i * SIZE for every i, then unmap them in the same order
  *          (what Container.map_dma_batch + DmaBatch.unmap issue).
- * The buffer is madvise(MADV_NOHUGEPAGE), as on the Python side: whether a transparent huge
- * page backs it would otherwise depend on where mmap placed it, and change the pinning cost.
+ * The buffer is allocated as on the Python side (see dma_buffer()).
  * Prints the mean nanoseconds per map+unmap pair.
  */
 #include <fcntl.h>
@@ -19,7 +18,26 @@
 
 #include "common.h"
 
+#define HUGE (2ul << 20)
+
 static int container;
+
+/* A plain anonymous page for 4 KiB; for multiples of 2 MiB, a 2 MiB-aligned region backed by
+   transparent huge pages (physically contiguous: how many IOMMU calls a map takes no longer
+   depends on how scattered the process's pages happen to be). Touched. */
+static void *dma_buffer(size_t size)
+{
+    int thp = size % HUGE == 0;
+    char *p = mmap(NULL, thp ? size + HUGE : size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        die("mmap");
+    if (thp)
+        p = (char *)(((uintptr_t)p + HUGE - 1) & ~(HUGE - 1));
+    if (madvise(p, size, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) < 0)
+        die("madvise");
+    memset(p, 0, size);
+    return p;
+}
 
 static void map(void *buf, uint64_t iova, uint64_t size)
 {
@@ -65,12 +83,8 @@ int main(int argc, char **argv)
     if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0)
         die("VFIO_SET_IOMMU");
 
-    void *buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (buf == MAP_FAILED)
-        die("mmap");
-    if (madvise(buf, size, MADV_NOHUGEPAGE) < 0) /* as the Python side: 4 KiB pages to pin, never a THP */
-        die("madvise");
-    for (int i = 0; i < 10; i++) { /* untimed: fault the pages in, as the Python side does */
+    void *buf = dma_buffer(size);
+    for (int i = 0; i < 10; i++) { /* untimed warm-up, as on the Python side */
         map(buf, iova, size);
         unmap(iova, size);
     }
