@@ -1,4 +1,4 @@
-"""VFIO DMA map/unmap rate: pykvm's Container.map_dma/unmap_dma and map_dma_batch against the same ioctls in C.
+"""VFIO DMA map/unmap rate: pykvm's per-call map_dma/unmap_dma and map_dma_batch against the same ioctls in C.
 
 Per call: each iteration maps one anonymous buffer (4 KiB or 2 MiB) at IOVA 0x100000
 for the edu device's container and unmaps it again; the kernel pins and unpins the

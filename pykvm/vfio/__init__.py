@@ -23,7 +23,7 @@ from pykvm.vfio.regions import Mmio, Region, RegionCaps, RegionInfo, RegionType,
 
 __all__ = [
     "lib", "CapabilityChainError", "Container", "DmaMapping", "DmaBatch", "IommuInfo", "Migration", "Device",
-    "DeviceInfo", "HotResetDependent", "VfioError", "VfioUnavailableError", "EventFd", "Group", "GroupStatus", "DmaAllocator",
-    "DmaBuffer", "IovaAllocator", "IrqInfo", "ConfigSpace", "MsixCap", "Mmio", "Region", "RegionCaps",
-    "RegionInfo", "RegionType", "SparseArea",
+    "DeviceInfo", "HotResetDependent", "VfioError", "VfioUnavailableError", "EventFd", "Group", "GroupStatus",
+    "DmaAllocator", "DmaBuffer", "IovaAllocator", "IrqInfo", "ConfigSpace", "MsixCap", "Mmio", "Region",
+    "RegionCaps", "RegionInfo", "RegionType", "SparseArea",
 ]

@@ -78,6 +78,13 @@ def parse_iommu_caps(buf: bytes, first: int) -> Dict[str, Any]:
     return out
 
 
+def _released(pin: Any, exc: BaseException) -> BaseException:
+    """Drop a refused mapping's hold on its buffer before raising ``exc``: the traceback keeps
+    the frame (and ``pin``) alive, and the caller may want to close the buffer meanwhile."""
+    ffi.release(pin)
+    return exc
+
+
 class DmaMapping:
     """Host memory mapped at ``iova`` for the container's devices.
 
@@ -212,19 +219,20 @@ class Container(FdObject):
         if size is None:
             size = len(pin)
         elif size > len(pin):
-            raise vfio_error(errno.EINVAL, f"size {size:#x} exceeds the buffer ({len(pin):#x} bytes)",
-                             "VFIO_IOMMU_MAP_DMA")
+            raise _released(pin, vfio_error(errno.EINVAL, f"size {size:#x} exceeds the buffer ({len(pin):#x} bytes)",
+                                            "VFIO_IOMMU_MAP_DMA"))
         last = iova + size - 1
         for lo, hi in self._ranges or self.iova_ranges:
             if lo <= iova and last <= hi:
                 break
         else:
-            raise vfio_error(errno.EINVAL, outside_ranges(iova, size, self.iova_ranges), "VFIO_IOMMU_MAP_DMA")
+            raise _released(pin, vfio_error(errno.EINVAL, outside_ranges(iova, size, self.iova_ranges),
+                                            "VFIO_IOMMU_MAP_DMA"))
         flags = (_READ if readable else 0) | (_WRITE if writable else 0)
         if lib.pykvm_vfio_map_dma(self._fd, flags, pin, iova, size) < 0:
             err = ffi.errno
-            raise vfio_error(err, self._map_explanation(err, int(ffi.cast("uintptr_t", pin)), iova, size),
-                             "VFIO_IOMMU_MAP_DMA")
+            raise _released(pin, vfio_error(err, self._map_explanation(err, int(ffi.cast("uintptr_t", pin)), iova,
+                                                                       size), "VFIO_IOMMU_MAP_DMA"))
         mapping = self._mappings[iova] = DmaMapping(self, buffer, pin, iova, size, readable, writable)
         return mapping
 
@@ -246,9 +254,8 @@ class Container(FdObject):
             offsets_, iovas_, sizes_ = batch_arrays(iovas, sizes, offsets)
             check_batch(len(pin), offsets_, iovas_, sizes_, self._ranges or self.iova_ranges)
             self._map_batch(pin, offsets_, iovas_, sizes_, (_READ if readable else 0) | (_WRITE if writable else 0))
-        except BaseException:
-            ffi.release(pin)  # the traceback keeps this frame: let the caller close the buffer
-            raise
+        except BaseException as exc:
+            raise _released(pin, exc)
         batch = DmaBatch(self, buffer, pin, offsets_, iovas_, sizes_, readable, writable)
         self._batches[batch] = None
         return batch

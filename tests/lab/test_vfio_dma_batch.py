@@ -101,7 +101,8 @@ def test_refused_entry_leaves_nothing_mapped(edu):
         c.map_dma_batch(buf, iovas, PAGE)
     text = str(exc.value)
     assert exc.value.errno == errno.EEXIST and exc.value.ioctl == "VFIO_IOMMU_MAP_DMA" and exc.value.entry == 40
-    assert f"batch entry 40 of 64: IOVA [{int(iovas[40]):#x}, {int(iovas[41]):#x}) overlaps [{int(iovas[40]):#x}" in text
+    taken_range = f"[{int(iovas[40]):#x}, {int(iovas[41]):#x})"
+    assert f"batch entry 40 of 64: IOVA {taken_range} overlaps {taken_range}" in text
     assert "entries 0..39, mapped before it, were unmapped again" in text
     assert c.mappings == [taken]
     keep = np.delete(iovas, 40)  # the same IOVAs but the taken one: all free again
@@ -140,6 +141,24 @@ def test_checks_before_any_ioctl(edu):
     assert c.mappings == []
     c.map_dma_batch(buf, [BASE, BASE + PAGE, BASE + 2 * PAGE, BASE + 3 * PAGE], PAGE).unmap()
     buf.close()
+
+
+def test_a_refused_map_lets_go_of_the_buffer(edu):
+    c = edu.container
+    buf = mmap.mmap(-1, 2 * PAGE)
+    taken = c.map_dma(mmap.mmap(-1, PAGE), BASE)
+    with pytest.raises(FileExistsError) as by_kernel:
+        c.map_dma(buf, BASE)
+    with pytest.raises(VfioError) as by_check:
+        c.map_dma(buf, 0xFEE00000)
+    with pytest.raises(FileExistsError) as batch:
+        c.map_dma_batch(buf, [BASE + PAGE, BASE], PAGE)
+    with pytest.raises(ValueError):
+        c.map_dma_batch(buf, [BASE, -1], PAGE)
+    buf.close()  # while the exceptions, whose tracebacks hold the calls' frames, are alive
+    assert by_kernel.value.errno == batch.value.errno == errno.EEXIST and by_check.value.errno == errno.EINVAL
+    assert c.mappings == [taken]
+    taken.unmap()
 
 
 def test_unmap_dma_over_some_entries_keeps_the_batch_coherent(edu):
