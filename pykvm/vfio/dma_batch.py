@@ -159,6 +159,8 @@ class DmaBatch:
 
     def live_arrays(self) -> Tuple[np.ndarray, np.ndarray]:
         """``(iovas, sizes)`` of the entries still mapped (contiguous arrays)."""
+        if self._pin is None:
+            return self.iovas[:0], self.sizes[:0]
         if self._live is None:
             return self.iovas, self.sizes
         return self.iovas[self._live], self.sizes[self._live]

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykvm.vfio import VfioError
+from pykvm._native import ffi
+from pykvm.vfio import DmaBatch, VfioError
 from pykvm.vfio.dma_batch import batch_arrays, check_batch
 
 PAGE = 4096
@@ -121,3 +122,24 @@ def test_messages_name_the_entry_and_the_fix():
     with pytest.raises(VfioError, match=r"batch entries 0 and 2 overlap: IOVA \[0x100000, 0x102000\) and "
                                         r"\[0x101000, 0x102000\)"):
         check_batch(4 * PAGE, *batch_arrays([0x100000, 0x300000, 0x101000], [0x2000, PAGE, PAGE], None), VTD)
+
+
+@given(st.lists(st.integers(0, 63), min_size=1, max_size=32, unique=True),
+       st.lists(st.tuples(st.integers(0, 70), st.integers(1, 70)), max_size=6), st.integers(0, 70))
+def test_bookkeeping_after_unmap_dma_of_covering_ranges(pages, unmapped, probe):
+    """What unmap_dma tells a batch: entries wholly inside an unmapped range are gone, the
+    rest stay, and overlap explanations name only those still mapped."""
+    buffer = bytearray(len(pages) * PAGE)
+    iova_of = [0x100000 + p * PAGE for p in pages]
+    batch = DmaBatch(None, buffer, ffi.from_buffer(buffer), *batch_arrays(iova_of, PAGE, None), True, True)
+    live = [True] * len(pages)
+    for first, count in unmapped:
+        lo, hi = 0x100000 + first * PAGE, 0x100000 + (first + count) * PAGE
+        batch._drop_inside(lo, hi - lo)
+        live = [ok and not (lo <= iova and iova + PAGE <= hi) for ok, iova in zip(live, iova_of)]
+    assert batch.live.tolist() == live and batch.mapped == any(live)
+    assert (batch.buffer is buffer) == any(live) and (batch.vaddrs is None) == (not any(live))
+    at = 0x100000 + probe * PAGE
+    expected = sorted((iova, iova + PAGE) for ok, iova in zip(live, iova_of)
+                      if ok and iova < at + 2 * PAGE and at < iova + PAGE)
+    assert sorted(batch.overlapping(at, 2 * PAGE)) == expected
