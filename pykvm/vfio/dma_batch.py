@@ -24,7 +24,7 @@ from pykvm.vfio.iova import Range, format_ranges
 if TYPE_CHECKING:
     from pykvm.vfio.container import Container
 
-__all__ = ["DmaBatch", "batch_arrays", "check_batch"]
+__all__ = ["DmaBatch", "batch_arrays", "check_batch", "outside_ranges", "u64_pointer"]
 
 ArrayLike = Union[int, Sequence[int], np.ndarray]
 _OP = "VFIO_IOMMU_MAP_DMA"
@@ -73,6 +73,7 @@ def batch_arrays(iovas: ArrayLike, sizes: ArrayLike, offsets: Optional[ArrayLike
 
 
 def outside_ranges(iova: int, size: int, ranges: Sequence[Range]) -> str:
+    """Why map_dma/map_dma_batch refuse ``[iova, iova+size)`` before asking the kernel."""
     return f"IOVA [{iova:#x}, {iova + size:#x}) is outside the container's usable IOVA ranges {format_ranges(ranges)}"
 
 
