@@ -188,8 +188,10 @@ def bind(root: Root, bdf: str, *, whole_group: bool = False, allow_split: bool =
         result.changes.append(Change(d.bdf, d.driver, read_device(root, d.bdf, ids).driver))
     result.writes = [list(w) for w in root.writes[start:]]
     if others:
-        result.notes.append(f"IOMMU group {group.number} is split: {', '.join(result.left_behind)} stay on their "
-                            "host drivers, so VFIO cannot open the group until they are unbound too")
+        one = len(others) == 1
+        result.notes.append(f"IOMMU group {group.number} is split: {', '.join(result.left_behind)} "
+                            f"{'stays on its host driver' if one else 'stay on their host drivers'}, so VFIO cannot "
+                            f"open the group until {'it is' if one else 'they are'} unbound too")
     return result
 
 

@@ -97,9 +97,22 @@ def test_bind_allow_split_says_what_stays_behind(tree, capsys):
     assert main(["host", "bind", NVME, "--allow-split", "--root", str(tree.base)]) == 1  # nothing rebinds here
     out = capsys.readouterr()
     assert "0000:00:05.0: nvme -> nvme" in out.out
-    assert "IOMMU group 4 is split: 0000:00:06.0 (e1000e) stay on their host drivers" in out.out
+    assert ("IOMMU group 4 is split: 0000:00:06.0 (e1000e) stays on its host driver, so VFIO cannot open the "
+            "group until it is unbound too") in out.out
     assert "not on vfio-pci after the probe" in out.err
     assert tree.read("/sys/bus/pci/devices/0000:00:06.0/driver_override") == "(null)\n"
+
+
+def test_bind_allow_split_names_several_left_behind_in_the_plural(tree):
+    shared(tree)
+    tree.device("0000:00:08.0", 0x8086, 0x10D3, 0x020000, driver="igb", group=4)
+    result = bind(tree.root, NVME, allow_split=True)
+    assert result.left_behind == ["0000:00:06.0 (e1000e)", "0000:00:08.0 (igb)"]  # not the bridge
+    assert result.notes == ["IOMMU group 4 is split: 0000:00:06.0 (e1000e), 0000:00:08.0 (igb) stay on their host "
+                            "drivers, so VFIO cannot open the group until they are unbound too"]
+    assert [w[1] for w in result.writes if w[0] == "/sys/bus/pci/drivers_probe"] == [NVME]  # only NVME moved
+    for bdf in ("0000:00:06.0", "0000:00:08.0"):
+        assert tree.read(f"/sys/bus/pci/devices/{bdf}/driver_override") == "(null)\n"
 
 
 @pytest.mark.parametrize("args, message", [
