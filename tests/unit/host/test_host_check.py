@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from pykvm.cli import main
 from pykvm.host.check import format_report, run_checks
+from tests.unit.host.sysfs_tree import SysTree
 
 
 def statuses(tree, memory=1 << 30):
@@ -192,3 +196,85 @@ def test_cli_check_json_and_exit_status(tree, capsys):
     assert main(["host", "check", "--root", str(tree.base)]) == 1  # no /dev/kvm now: FAIL
     out = capsys.readouterr().out
     assert "FAIL  /dev/kvm" in out and "fix: load the KVM module" in out
+
+
+def bridge_group(tree, edu="vfio-pci", nvme="nvme", group=7):
+    """The lab's bridge group: a PCI bridge (no driver), an edu and an NVMe behind it."""
+    tree.device("0000:00:07.0", 0x1B36, 0x0001, 0x060400, group=group)
+    tree.device("0000:01:01.0", 0x1234, 0x11E8, 0x00FF00, driver=edu, group=group)
+    tree.device("0000:01:02.0", 0x1B36, 0x0010, 0x010802, driver=nvme, group=group)
+    return tree
+
+
+def test_split_groups_pass_when_no_group_mixes_vfio_pci_and_a_host_driver(tree):
+    tree.lab_like()
+    bridge_group(tree, edu=None)  # not ready (nvme drives one), but nothing is on vfio-pci: not split
+    tree.device("0000:00:08.0", 0x8086, 0x10D3, 0x020000, driver="vfio-pci", group=8)
+    tree.device("0000:00:09.0", 0x8086, 0x1901, 0x060400, driver="pcieport", group=8)  # a bridge: no DMA
+    tree.device("0000:00:0a.0", 0x8086, 0x10D3, 0x020000, driver="pci-stub", group=8)
+    items, report = statuses(tree)
+    item = items["VFIO groups viable"]
+    assert (item.status, item.fix) == ("PASS", ""), item
+    assert item.detail == "no IOMMU group has devices on vfio-pci and on host drivers at once"
+    bridge_group(tree, edu="vfio-pci", nvme="vfio-pci")  # the whole group bound: viable
+    assert statuses(tree)[0]["VFIO groups viable"].status == "PASS"
+
+
+def test_a_split_group_warns_with_the_group_both_devices_and_the_fixes(tree, capsys):
+    bridge_group(tree.lab_like())
+    items, report = statuses(tree)
+    item = items["VFIO groups viable"]
+    assert item.status == "WARN", item
+    assert item.detail == ("not viable, VFIO cannot open them: "
+                           "group 7: 0000:01:01.0 on vfio-pci, 0000:01:02.0 on nvme")
+    assert item.fix == ("`pykvm host bind --group 0000:01:01.0` (all of a group to vfio-pci), or "
+                        "`pykvm host restore --group 0000:01:01.0` (all back to the host)")
+    assert "0000:00:07.0" not in item.detail  # the bridge blocks nothing
+    # a warning, not a failure: the other groups can still be passed through (the only FAIL
+    # is the synthetic tree's /dev/kvm, a plain file)
+    assert [i.name for i in report.items if i.status == "FAIL"] == ["KVM capabilities"]
+    text = format_report(report)
+    assert "WARN  VFIO groups viable" in text and "fix: `pykvm host bind --group 0000:01:01.0`" in text
+    main(["host", "check", "--root", str(tree.base), "--json"])
+    data = {i["name"]: i for i in json.loads(capsys.readouterr().out)["items"]}["VFIO groups viable"]
+    assert (data["status"], data["detail"], data["fix"]) == ("WARN", item.detail, item.fix)
+
+
+def test_several_split_groups_are_each_named_with_their_fixes(tree):
+    bridge_group(tree.lab_like())
+    tree.device("0000:00:08.0", 0x8086, 0x10D3, 0x020000, driver="e1000e", group=9)
+    tree.device("0000:00:09.0", 0x8086, 0x10D3, 0x020000, driver="igb", group=9)
+    tree.device("0000:00:0a.0", 0x8086, 0x10D3, 0x020000, driver="vfio-pci", group=9)
+    item = statuses(tree)[0]["VFIO groups viable"]
+    assert item.status == "WARN"
+    assert item.detail.endswith("group 7: 0000:01:01.0 on vfio-pci, 0000:01:02.0 on nvme; "
+                                "group 9: 0000:00:0a.0 on vfio-pci, 0000:00:08.0 on e1000e, 0000:00:09.0 on igb")
+    assert item.fix == ("`pykvm host bind --group 0000:01:01.0` or `pykvm host bind --group 0000:00:0a.0` (all of a "
+                        "group to vfio-pci), or `pykvm host restore --group 0000:01:01.0` and "
+                        "`pykvm host restore --group 0000:00:0a.0` (all back to the host)")
+
+
+DRIVERS = (None, "vfio-pci", "pci-stub", "nvme", "e1000e")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(DRIVERS), min_size=1, max_size=3), min_size=1, max_size=3))
+def test_split_groups_warn_exactly_when_a_group_mixes_vfio_pci_and_a_dma_driver(groups):
+    with tempfile.TemporaryDirectory() as base:
+        tree = SysTree(Path(base) / "root")
+        for number, drivers in enumerate(groups, start=10):
+            for fn, driver in enumerate(drivers):
+                tree.device(f"0000:{number:02x}:00.{fn}", 0x8086, 0x10D3, 0x020000, driver=driver, group=number)
+        item = statuses(tree)[0]["VFIO groups viable"]
+    split = [n for n, d in enumerate(groups, start=10) if "vfio-pci" in d and {"nvme", "e1000e"} & set(d)]
+    assert item.status == ("WARN" if split else "PASS"), (groups, item)
+    for number, drivers in enumerate(groups, start=10):
+        named = f"group {number}:" in item.detail
+        assert named == (number in split), (groups, item)
+        for fn, driver in enumerate(drivers):
+            bdf = f"0000:{number:02x}:00.{fn}"
+            if number in split and driver in ("nvme", "e1000e"):
+                assert f"{bdf} on {driver}" in item.detail
+    for number in split:
+        first = f"0000:{number:02x}:00.{groups[number - 10].index('vfio-pci')}"
+        assert f"`pykvm host bind --group {first}`" in item.fix and f"`pykvm host restore --group {first}`" in item.fix
