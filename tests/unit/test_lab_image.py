@@ -9,7 +9,10 @@ from pathlib import Path
 
 from hypothesis import given, strategies as st
 
-from pykvm.lab.devices import EDU_BDF, NVME_BDF, NVME_DISK_MAGIC, NVME_SERIAL, TESTDEV_BDF, nvme_sector
+from pykvm.lab.devices import (
+    EDU_BDF, GROUP_NVME_DISK_MAGIC, GROUP_NVME_SERIAL, NVME_BDF, NVME_DISK_MAGIC, NVME_SECTOR_SIZE, NVME_SERIAL,
+    TESTDEV_BDF, nvme_sector,
+)
 from pykvm.lab.image import LabImage, cache_root, is_static_elf, parse_kernel_depends
 from pykvm.lab.initramfs import CpioWriter, build_initramfs
 from pykvm.lab.qemu import qemu_argv
@@ -112,6 +115,17 @@ def test_nvme_sector_pattern(lba):
     assert sector[23] == lba % 256 and sector[24] == (lba + 1) % 256
 
 
+@given(st.integers(0, 2**17 - 1))
+def test_group_nvme_sector_has_the_main_disks_layout_with_its_own_magic(lba):
+    main, group = nvme_sector(lba), nvme_sector(lba, GROUP_NVME_DISK_MAGIC)
+    assert len(GROUP_NVME_DISK_MAGIC) == len(NVME_DISK_MAGIC) and GROUP_NVME_DISK_MAGIC != NVME_DISK_MAGIC
+    assert len(group) == NVME_SECTOR_SIZE == 512 and group.startswith(GROUP_NVME_DISK_MAGIC)
+    n = len(GROUP_NVME_DISK_MAGIC)
+    assert int.from_bytes(group[n : n + 8], "little") == lba
+    assert list(group[n + 8 :]) == [(lba + i) % 256 for i in range(512 - n - 8)]  # the ramp from lba % 256
+    assert group[n:] == main[n:]  # only the magic differs
+
+
 def test_qemu_argv_pins_devices(tmp_path):
     image = LabImage("v", Path("/k"), Path("/m"), Path("/i"), Path("/d"), Path("/q"), Path("/b"))
     argv = qemu_argv(image, tmp_path, memory_mb=4096, cpus=2)
@@ -123,3 +137,20 @@ def test_qemu_argv_pins_devices(tmp_path):
                      "readonly=on", "snapshot=on", "-accel tcg"):
         assert fragment in text
     assert argv[argv.index("-initrd") + 1] == "/i"
+    assert "pci-bridge" not in text and GROUP_NVME_SERIAL not in text  # no group disk: no bridge group
+
+
+def test_qemu_argv_with_a_group_disk_adds_the_bridge_group(tmp_path):
+    image = LabImage("v", Path("/k"), Path("/m"), Path("/i"), Path("/d"), Path("/q"), Path("/b"), Path("/g"))
+    argv = qemu_argv(image, tmp_path, memory_mb=4096, cpus=2)
+    text = " ".join(argv)
+    for fragment in ("pci-bridge,id=lab-bridge,chassis_nr=1,shpc=off,addr=07.0", "edu,bus=lab-bridge,addr=01.0",
+                     f"serial={GROUP_NVME_SERIAL},bus=lab-bridge,addr=02.0",
+                     f"serial={NVME_SERIAL},addr={NVME_BDF[-4:]}", f"edu,addr={EDU_BDF[-4:]}"):
+        assert fragment in text, fragment
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives == ["file=/d,if=none,id=nvm,format=raw,snapshot=on", "file=/g,if=none,id=nvg,format=raw,snapshot=on"]
+    nvme = next(argv[i + 1] for i, a in enumerate(argv) if a == "-device" and GROUP_NVME_SERIAL in argv[i + 1])
+    assert nvme.startswith("nvme,drive=nvg,")  # the second NVMe is on the second disk
+    devices = [argv[i + 1].split(",", 1)[0] for i, a in enumerate(argv) if a == "-device"]
+    assert devices.index("pci-bridge") < devices.index("edu", devices.index("pci-bridge"))  # bridge before its devices
