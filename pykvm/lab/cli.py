@@ -74,6 +74,8 @@ def _print_image(lab: Lab) -> None:
     print(f"modules:     {image.modules_dir}")
     print(f"initramfs:   {image.initrd_path}")
     print(f"nvme disk:   {image.disk_path}")
+    if image.group_disk_path:
+        print(f"group disk:  {image.group_disk_path} (the NVMe behind the bridge)")
     print(f"qemu:        {image.qemu}")
     print(f"busybox:     {image.busybox}")
     print(f"memory/cpus: {lab.memory_mb} MiB / {lab.cpus}")

@@ -154,3 +154,16 @@ def test_qemu_argv_with_a_group_disk_adds_the_bridge_group(tmp_path):
     assert nvme.startswith("nvme,drive=nvg,")  # the second NVMe is on the second disk
     devices = [argv[i + 1].split(",", 1)[0] for i, a in enumerate(argv) if a == "-device"]
     assert devices.index("pci-bridge") < devices.index("edu", devices.index("pci-bridge"))  # bridge before its devices
+
+
+def test_lab_info_prints_both_disks(capsys):
+    from pykvm.lab.cli import _print_image
+    from pykvm.lab.run import Lab
+
+    paths = [Path(p) for p in ("/k", "/m", "/i", "/d", "/q", "/b")]
+    _print_image(Lab(LabImage("v", *paths, Path("/g")), memory_mb=2048, cpus=1))
+    out = capsys.readouterr().out.splitlines()
+    assert "nvme disk:   /d" in out and "group disk:  /g (the NVMe behind the bridge)" in out
+    assert out.index("nvme disk:   /d") + 1 == out.index("group disk:  /g (the NVMe behind the bridge)")
+    _print_image(Lab(LabImage("v", *paths), memory_mb=2048, cpus=1))
+    assert "group disk" not in capsys.readouterr().out  # an image without the bridge group
