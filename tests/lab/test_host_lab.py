@@ -9,25 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pykvm.lab import EDU_BDF, EDU_ID, NVME_BDF, NVME_ID
-from tests.lab.support import wait_for
+from tests.lab.support import host, wait_for
 
 pytestmark = pytest.mark.lab
 
 PCI = Path("/sys/bus/pci/devices")
-
-
-def host(*args: str) -> subprocess.CompletedProcess:
-    """The real CLI, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "pykvm", "host", *args], capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
 
 
 def driver(bdf: str) -> str | None:

@@ -22,8 +22,7 @@ from pykvm.lab.devices import (
 )
 from pykvm.lab.image import LabUnavailable
 from pykvm.lab.l2 import build_guest_initramfs, driver_of, guest_kernel, run_guest
-from tests.lab.support import wait_for
-from tests.lab.test_host_lab import host
+from tests.lab.support import host, wait_for
 
 pytestmark = pytest.mark.lab
 
