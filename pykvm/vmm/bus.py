@@ -25,6 +25,8 @@ class BusDevice(Protocol):
 
 @dataclass(frozen=True)
 class Range:
+    """``length`` ports or bytes from ``base``, owned by ``device``."""
+
     base: int
     length: int
     device: BusDevice

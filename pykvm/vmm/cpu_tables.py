@@ -67,6 +67,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class DescriptorTable:
+    """A GDTR/IDTR value: the table's linear base and its limit (size - 1)."""
+
     base: int
     limit: int
 

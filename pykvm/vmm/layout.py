@@ -88,6 +88,8 @@ class RamRegion:
 
 @dataclass(frozen=True)
 class E820Entry:
+    """One entry of the e820 memory map the zero page gives the kernel."""
+
     addr: int
     size: int
     type: int  # E820_RAM or E820_RESERVED

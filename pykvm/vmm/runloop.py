@@ -235,6 +235,8 @@ class Status(enum.Enum):
 
 @dataclass
 class RunResult:
+    """Why a run loop returned: its status, and the exit or the error that ended it."""
+
     status: Status
     exit: Optional[Exit] = None
     error: Optional[OSError] = None

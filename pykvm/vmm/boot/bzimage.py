@@ -60,6 +60,8 @@ class SetupHeader:
 
 @dataclass(frozen=True)
 class BzImage:
+    """A parsed bzImage: its setup header and the protected-mode kernel after the setup sectors."""
+
     header: SetupHeader
     kernel: memoryview  # the protected-mode part, to be loaded at the load address
 

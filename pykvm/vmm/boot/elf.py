@@ -29,6 +29,8 @@ _MACHINES = {3: "i386 (32-bit x86)", 40: "ARM", 183: "AArch64", 243: "RISC-V", 8
 
 @dataclass(frozen=True)
 class LoadSegment:
+    """One PT_LOAD program header: ``filesz`` bytes from ``offset`` at ``paddr``, zero-filled to ``memsz``."""
+
     paddr: int
     offset: int
     filesz: int
@@ -41,6 +43,8 @@ class LoadSegment:
 
 @dataclass(frozen=True)
 class ElfKernel:
+    """A parsed ELF vmlinux: its entry, load segments and PVH entry (if it has the note)."""
+
     entry: int  # e_entry: physical address of startup_64 in a vmlinux
     segments: Tuple[LoadSegment, ...]
     pvh_entry: Optional[int]  # XEN_ELFNOTE_PHYS32_ENTRY, if the kernel has one

@@ -50,6 +50,8 @@ class EntryRegs:
 
 @dataclass(frozen=True)
 class BootPlan:
+    """Everything a vCPU needs to start the kernel: the bytes to write into RAM, the entry and its registers."""
+
     kind: str  # "bzimage", "elf64" or "pvh"
     writes: Tuple[Write, ...]  # (guest-physical address, bytes), in RAM, non-overlapping
     entry: int
