@@ -15,23 +15,14 @@ import numpy as np
 import pytest
 
 from pykvm.vfio import DmaBatch, VfioError
-from tests.lab.test_vfio_edu import (  # noqa: F401 (edu_bound is a fixture)
-    EDU_BUFFER, Edu, _kmsg_new, _kmsg_reader, edu_bound, open_fds)
+from tests.conftest import open_fds
+from tests.lab.edu import EDU_BUFFER, Edu, edu, edu_bound, kmsg_new, kmsg_reader  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.lab
 
 PAGE = 4096
 N = 256
 BASE = 0x1000000  # below edu's 28-bit DMA mask
-
-
-@pytest.fixture
-def edu(edu_bound):  # noqa: F811
-    before = open_fds()
-    e = Edu(edu_bound)
-    yield e
-    e.close()
-    assert open_fds() == before, "fds leaked"
 
 
 def scattered_iovas(n: int = N) -> np.ndarray:
@@ -41,13 +32,13 @@ def scattered_iovas(n: int = N) -> np.ndarray:
 
 def device_writes_fault(edu: Edu, iova: int) -> str:
     """Start a device-to-RAM DMA at ``iova`` and return the kernel log lines it produced."""
-    kmsg = _kmsg_reader()
+    kmsg = kmsg_reader()
     try:
         edu.dma(EDU_BUFFER, iova, 64, to_ram=True)
         deadline, log = time.monotonic() + 5, ""
         while f"fault addr {iova:#x}" not in log and time.monotonic() < deadline:
             time.sleep(0.05)
-            log += _kmsg_new(kmsg)
+            log += kmsg_new(kmsg)
     finally:
         os.close(kmsg)
     return log

@@ -16,75 +16,16 @@ from pathlib import Path
 import pytest
 
 from pykvm.errors import ClosedError
-from pykvm.host.bind import bind, restore
-from pykvm.host.sysfs import Root
 from pykvm.lab import EDU_BDF, NVME_BDF
 from pykvm.vfio import Container, DmaAllocator, EventFd, Group, VfioError, lib
-from tests.lab.support import wait_for
+from tests.conftest import open_fds
+from tests.lab.edu import (  # noqa: F401 (edu and edu_bound are fixtures)
+    EDU_BUFFER, EDU_DMA_LIMIT, ID, IRQ_ACK, IRQ_RAISE, IRQ_STATUS, LIVENESS, PAGE, Edu, edu, edu_bound, kmsg_new,
+    kmsg_reader)
 
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
-ID, LIVENESS, IRQ_STATUS, IRQ_RAISE, IRQ_ACK = 0x00, 0x04, 0x24, 0x60, 0x64
-DMA_SRC, DMA_DST, DMA_COUNT, DMA_CMD = 0x80, 0x88, 0x90, 0x98
-DMA_START, DMA_TO_RAM, DMA_IRQ = 1, 2, 4
-EDU_BUFFER = 0x40000
-EDU_DMA_LIMIT = 1 << 28
-PAGE = 4096
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(scope="module")
-def edu_bound(tmp_path_factory):
-    state = str(tmp_path_factory.mktemp("bind"))
-    bind(Root(), EDU_BDF, state_dir=state)
-    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{EDU_BDF}/iommu_group"))
-    assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists(), timeout=10), "vfio group node did not appear"
-    yield EDU_BDF
-    restore(Root(), EDU_BDF, state_dir=state)
-
-
-class Edu:
-    """An opened edu: container + group + device + mapped BAR0."""
-
-    def __init__(self, bdf: str):
-        self.container = Container()
-        self.group = Group.for_device(bdf)
-        self.group.set_container(self.container)
-        self.container.set_iommu()
-        self.device = self.group.get_device(bdf)
-        self.device.config.enable(memory=True, bus_master=True)
-        self.bar0 = self.device.region(lib.VFIO_PCI_BAR0_REGION_INDEX).mmap()
-
-    def dma(self, src: int, dst: int, count: int, to_ram: bool, irq: bool = False) -> None:
-        self.bar0.write64(DMA_SRC, src)
-        self.bar0.write64(DMA_DST, dst)
-        self.bar0.write64(DMA_COUNT, count)
-        self.bar0.write64(DMA_CMD, DMA_START | (DMA_TO_RAM if to_ram else 0) | (DMA_IRQ if irq else 0))
-        deadline = time.monotonic() + 20
-        while self.bar0.read64(DMA_CMD) & DMA_START:
-            assert time.monotonic() < deadline, "edu DMA did not complete"
-            time.sleep(0.01)
-
-    def alive(self) -> bool:
-        self.bar0.write32(LIVENESS, 0x0F0F1234)
-        return self.bar0.read32(ID) == 0x010000ED and self.bar0.read32(LIVENESS) == 0xF0F0EDCB
-
-    def close(self) -> None:
-        self.container.close()
-
-
-@pytest.fixture
-def edu(edu_bound):
-    before = open_fds()
-    e = Edu(edu_bound)
-    yield e
-    e.close()
-    assert e.device.closed and e.group.closed and e.bar0.closed
-    assert open_fds() == before, "fds leaked"
 
 
 def test_identity_and_liveness_through_mmapped_bar(edu):
@@ -121,21 +62,6 @@ def test_dma_round_trip_through_the_iommu(edu):
         assert src_iova != dst_iova and src_iova < EDU_DMA_LIMIT and dst_iova < EDU_DMA_LIMIT
 
 
-def _kmsg_reader():
-    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-    os.lseek(fd, 0, os.SEEK_END)
-    return fd
-
-
-def _kmsg_new(fd) -> str:
-    lines = []
-    while True:
-        try:
-            lines.append(os.read(fd, 8192).decode(errors="replace"))
-        except BlockingIOError:
-            return "".join(lines)
-
-
 def test_after_unmap_the_iommu_refuses_the_device(edu):
     with DmaAllocator(edu.container, limit=EDU_DMA_LIMIT) as dmas:
         src, src_iova = dmas.alloc(PAGE)
@@ -144,14 +70,14 @@ def test_after_unmap_the_iommu_refuses_the_device(edu):
         edu.dma(src_iova, EDU_BUFFER, 64, to_ram=False)
         dst[:PAGE] = b"\xee" * PAGE
         assert edu.container.unmap_dma(dst_iova, PAGE) == PAGE
-        kmsg = _kmsg_reader()
+        kmsg = kmsg_reader()
         try:
             edu.dma(EDU_BUFFER, dst_iova, 64, to_ram=True)
             deadline = time.monotonic() + 5
             log = ""
             while f"fault addr {dst_iova:#x}" not in log and time.monotonic() < deadline:
                 time.sleep(0.05)
-                log += _kmsg_new(kmsg)
+                log += kmsg_new(kmsg)
         finally:
             os.close(kmsg)
         assert bytes(dst[:PAGE]) == b"\xee" * PAGE, "the device wrote through an unmapped IOVA"
