@@ -56,11 +56,19 @@ static void uart_unlock(struct pykvm_rl_uart *u)
     __atomic_store_n(&u->lock, 0, __ATOMIC_RELEASE);
 }
 
+#define IER_THRI 0x02
+
+/* Under the lock: whether an interrupt other than THRE is pending (its source holds and IER enables it). */
+static int uart_other_pending(const struct pykvm_rl_uart *u)
+{
+    return (u->ier & u->other_sources) != 0;
+}
+
 /* Under the lock: set the interrupt line to what the UART's state says, as the
  * model's _update_irq does (pending interrupt, gated by OUT2). Returns 0 or an errno. */
 static int uart_line(struct pykvm_rl_uart *u)
 {
-    int level = u->line_enable && (u->other_pending || ((u->ier & 2) && u->thre_pending));
+    int level = u->line_enable && (uart_other_pending(u) || ((u->ier & IER_THRI) && u->thre_pending));
     if (level == u->level)
         return 0;
     u->level = level;
@@ -110,13 +118,35 @@ static int uart_iir(struct pykvm_rl_uart *u, uint8_t *data)
 {
     int ret = 0;
     uart_lock(u);
-    if (u->irq_mode && !u->other_pending) {
-        int thre = (u->ier & 2) && u->thre_pending;
+    if (u->irq_mode && !uart_other_pending(u)) {
+        int thre = (u->ier & IER_THRI) && u->thre_pending;
         *data = (uint8_t)((thre ? 0x02 : 0x01) | u->iir_fifo);
         if (thre) {
             u->thre_pending = 0;
             uart_line(u);
         }
+        ret = 1;
+    }
+    uart_unlock(u);
+    return ret;
+}
+
+/* IER writes (DLAB=0, interrupt mode): the 16550 keeps bits 0-3, and enabling
+ * THRI while THR is empty (always: transmission is instantaneous) latches a
+ * THRE interrupt at once. Linux's 8250 driver toggles THRI on every start_tx
+ * and stop_tx of interrupt-driven output. */
+static int uart_ier(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t count)
+{
+    int ret = 0;
+    uart_lock(u);
+    if (u->irq_mode) {
+        for (uint32_t i = 0; i < count; i++) {
+            int ier = data[i] & 0x0F;
+            if ((ier & IER_THRI) && !(u->ier & IER_THRI))
+                u->thre_pending = 1;
+            u->ier = ier;
+        }
+        uart_line(u);
         ret = 1;
     }
     uart_unlock(u);
@@ -131,7 +161,7 @@ static int uart_pio(struct pykvm_rl_uart *u, struct kvm_run *run, uint8_t *data)
         return 0;
     uint32_t reg = port - (uint32_t)u->base;
     if (run->io.direction == KVM_EXIT_IO_OUT)
-        return reg == 0 ? uart_thr(u, data, count) : 0;
+        return reg == 0 ? uart_thr(u, data, count) : reg == 1 ? uart_ier(u, data, count) : 0;
     if (reg == 5 || reg == 6) { /* LSR, MSR (the 8250 driver reads MSR in every interrupt) */
         int32_t v = __atomic_load_n(reg == 5 ? &u->lsr : &u->msr, __ATOMIC_ACQUIRE);
         if (v < 0)
@@ -256,10 +286,11 @@ uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap)
 }
 
 /* The model's new state, all at once under the lock so C never acts on half
- * of it; thre_pending < 0 keeps C's (the model did not change it). Drives the
- * line and returns its level, or -errno if KVM_IRQ_LINE failed. */
+ * of it; ier or thre_pending < 0 keeps C's (the model did not change it, and
+ * C may have since, for another vCPU). Drives the line and returns its level,
+ * or -errno if KVM_IRQ_LINE failed. */
 int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,
-                       int other_pending, int line_enable, int thre_pending)
+                       int other_sources, int line_enable, int thre_pending)
 {
     uart_lock(u);
     u->tx_ok = tx_ok;
@@ -267,8 +298,9 @@ int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int
     u->msr = msr;
     u->irq_mode = irq_mode;
     u->iir_fifo = iir_fifo;
-    u->ier = ier;
-    u->other_pending = other_pending;
+    if (ier >= 0)
+        u->ier = ier & 0x0F;
+    u->other_sources = other_sources;
     u->line_enable = line_enable;
     if (thre_pending >= 0)
         u->thre_pending = thre_pending;
@@ -276,4 +308,15 @@ int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int
     int level = u->level;
     uart_unlock(u);
     return err ? -err : level;
+}
+
+/* What C owns in interrupt mode, read at one instant for the model to take
+ * over: IER (bits 0-3), PYKVM_RL_UART_THRE and PYKVM_RL_UART_LEVEL. */
+uint32_t pykvm_uart_take(struct pykvm_rl_uart *u)
+{
+    uart_lock(u);
+    uint32_t state = (uint32_t)u->ier | (u->thre_pending ? PYKVM_RL_UART_THRE : 0)
+                     | (u->level ? PYKVM_RL_UART_LEVEL : 0);
+    uart_unlock(u);
+    return state;
 }

@@ -15,6 +15,10 @@
 #define PYKVM_RL_NREASONS 64          /* exit reasons >= this share the last slot */
 #define PYKVM_RL_UART_RING 4096       /* power of two */
 
+/* pykvm_uart_take(): IER in bits 0-3, and these flags. */
+#define PYKVM_RL_UART_THRE 0x100    /* THRE interrupt latched */
+#define PYKVM_RL_UART_LEVEL 0x200   /* the line as last driven */
+
 /* Return values of pykvm_runloop_run(). */
 #define PYKVM_RL_EXIT 0         /* an exit for Python is in kvm_run */
 #define PYKVM_RL_INTERRUPTED 1  /* KVM_RUN returned EINTR (a kick or another signal) */
@@ -44,22 +48,27 @@ struct pykvm_rl_range {
  * `lock` (the guest serializes its THR writes anyway), one drain at a time reads.
  *
  * Interrupt-driven transmit (irq_mode): a THR write also latches the THRE
- * interrupt, an IIR read reports and acknowledges it (if IER enables it). C then owns the
- * interrupt line: the level and thre_pending change only under `lock`, and
- * the line is driven with KVM_IRQ_LINE on vm_fd (-1: nothing to drive). */
+ * interrupt, an IIR read reports and acknowledges it (if IER enables it), an
+ * IER write stores IER (and latches THRE when it enables THRI). C then owns the
+ * interrupt line and IER: the level, ier and thre_pending change only under
+ * `lock`, and the line is driven with KVM_IRQ_LINE on vm_fd (-1: nothing to
+ * drive). Python takes them over with pykvm_uart_take() before it acts. */
 struct pykvm_rl_uart {
     int32_t base;               /* first port (THR) */
-    int32_t tx_ok;              /* a THR write is pure output (DLAB=0, no THRE irq, no loopback) */
+    int32_t tx_ok;              /* a THR write is pure output (DLAB=0, no THRE irq, no loopback);
+                                   outside irq_mode, where Python owns IER */
     int32_t lsr;                /* LSR value when reading it has no side effect, else -1 */
     int32_t msr;                /* MSR value when reading it has no side effect (no deltas), else -1 */
     int32_t flush_on_newline;   /* return to Python after a '\n' so lines come out promptly */
     int32_t vm_fd;
     int32_t gsi;
     int32_t irq_mode;           /* DLAB=0, no loopback, C may drive the line: C answers THR (latching
-                                   THRE), IIR and IER reads, with or without IER.THRE */
+                                   THRE), IIR, and IER reads and writes, with or without IER.THRE */
     int32_t iir_fifo;           /* IIR bits 6-7 (FIFOs enabled) */
     int32_t ier;
-    int32_t other_pending;      /* an interrupt other than THRE is pending: IIR goes to Python */
+    int32_t other_sources;      /* IER bits RDA, RLS, MSI whose condition holds (data ready, line
+                                   error, modem delta): any of them enabled in ier is an interrupt
+                                   other than THRE, and IIR goes to Python */
     int32_t line_enable;        /* MCR.OUT2 set and loopback off: pending interrupts reach the line */
     int32_t thre_pending;
     int32_t level;              /* the line as last driven */
@@ -100,7 +109,8 @@ struct pykvm_runloop {
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
 int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,
-                       int other_pending, int line_enable, int thre_pending);
+                       int other_sources, int line_enable, int thre_pending);
+uint32_t pykvm_uart_take(struct pykvm_rl_uart *u);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);
 

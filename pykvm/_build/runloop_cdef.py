@@ -7,6 +7,8 @@ CDEF = r"""
 #define PYKVM_RL_MAX_RANGES ...
 #define PYKVM_RL_NREASONS ...
 #define PYKVM_RL_UART_RING ...
+#define PYKVM_RL_UART_THRE ...
+#define PYKVM_RL_UART_LEVEL ...
 #define PYKVM_RL_EXIT ...
 #define PYKVM_RL_INTERRUPTED ...
 #define PYKVM_RL_STOPPED ...
@@ -24,7 +26,7 @@ struct pykvm_rl_range {
 
 struct pykvm_rl_uart {
     int32_t base; int32_t tx_ok; int32_t lsr; int32_t flush_on_newline;
-    int32_t vm_fd; int32_t gsi; int32_t irq_mode; int32_t thre_pending; int32_t level;
+    int32_t vm_fd; int32_t gsi; int32_t irq_mode; int32_t level;
     uint32_t head; uint32_t tail; uint64_t tx_bytes; ...;
 };
 
@@ -51,7 +53,8 @@ struct pykvm_runloop {
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
 int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,
-                       int other_pending, int line_enable, int thre_pending);
+                       int other_sources, int line_enable, int thre_pending);
+uint32_t pykvm_uart_take(struct pykvm_rl_uart *u);
 uint64_t pykvm_coarse_ns(void);
 uint64_t pykvm_ticks(void);
 """

@@ -29,7 +29,7 @@ import tty
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 from pykvm.vmm.devices.serial import (
-    FCR_ENABLE, IER_THRE, IIR_FIFO_ENABLED, IIR_NONE, LCR_DLAB, LSR_BI, LSR_OE, MCR_LOOP, MCR_OUT2, Serial16550,
+    FCR_ENABLE, IER_THRE, IIR_FIFO_ENABLED, LCR_DLAB, LSR_BI, LSR_OE, MCR_LOOP, MCR_OUT2, Serial16550,
 )
 
 ESCAPE = 0x01  # Ctrl-A
@@ -221,10 +221,9 @@ class FastPathState(NamedTuple):
     tx_ok: bool          # a THR write only transmits (polled mode)
     lsr: int             # LSR value if reading it has no side effect, else -1
     msr: int             # MSR value if reading it has no side effect (no deltas to clear), else -1
-    irq_mode: bool       # C answers THR (latching THRE), IIR and IER reads and drives the line
+    irq_mode: bool       # C answers THR (latching THRE), IIR, IER reads and writes, and drives the line
     iir_fifo: int        # IIR bits 6-7
-    ier: int
-    other_pending: bool  # an interrupt other than THRE is pending
+    other_sources: int   # IER bits RLS, RDA, MSI whose condition holds (C gates them with its IER)
     line_enable: bool    # OUT2 set, loopback off
 
 
@@ -234,9 +233,12 @@ class ConsoleUart(Serial16550):
     ``irq_line=(vm, gsi)`` wires the interrupt to KVM_IRQ_LINE on the VM, which
     C can drive too. Once a fast path attaches (``fast_path``), every register
     access and ``feed`` first takes over what C did (THRE latched by THR
-    writes, acknowledged by IIR reads, the line level), then publishes the new
-    state, under the model's lock; if C can drive the line, the publish drives
-    it, so the level has one owner.
+    writes and IER writes enabling THRI, acknowledged by IIR reads; IER; the
+    line level), then publishes the new state, under the model's lock; if C
+    can drive the line, the publish drives it, so the level has one owner.
+    THRE and IER are published only if the model changed them: C may have
+    changed them meanwhile for another vCPU, and a value the model merely
+    took over must not overwrite a newer one (``feed`` never changes them).
     """
 
     def __init__(self, output: Callable[[bytes], None], irq: Optional[Callable[[bool], None]] = None,
@@ -247,6 +249,7 @@ class ConsoleUart(Serial16550):
         super().__init__(output, irq, on_rx_space)
         self.irq_line = irq_line
         self._fast_path: Any = None
+        self._taken: Optional[Tuple[bool, int]] = None  # (THRE, IER) as taken over; None: publish both
 
     @property
     def fast_path(self) -> Any:
@@ -256,7 +259,13 @@ class ConsoleUart(Serial16550):
     def fast_path(self, fast_path: Any) -> None:
         with self._lock:
             self._fast_path = fast_path
-            self._publish(keep_thre=False)
+            self._publish()
+
+    @property
+    def irq_level(self) -> bool:
+        """The interrupt line's level: as C last drove it, once C owns the line."""
+        with self._lock:
+            return self._fast_path.c_state()[2] if self._c_owns_line() else self._level
 
     def _c_owns_line(self) -> bool:
         return self._fast_path is not None and (self._irq is None or self.irq_line is not None)
@@ -267,8 +276,8 @@ class ConsoleUart(Serial16550):
             irq_mode = not self._lcr & LCR_DLAB and not self._mcr & MCR_LOOP and self._c_owns_line()
             return FastPathState(tx, -1 if self._lsr & (LSR_OE | LSR_BI) else self._lsr,
                                  -1 if self._msr_deltas else self._modem_status(), irq_mode,
-                                 IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE else 0, self._ier,
-                                 self._pending_other() != IIR_NONE,
+                                 IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE else 0,
+                                 self._other_sources(),
                                  bool(self._mcr & MCR_OUT2) and not self._mcr & MCR_LOOP)
 
     def emit(self, data: bytes) -> None:
@@ -276,18 +285,22 @@ class ConsoleUart(Serial16550):
         self._output(data)
 
     def _take_over(self) -> None:
+        """Adopt what C changed since the last publish (in interrupt mode C owns THRE, IER and the line)."""
         if self._c_owns_line():
-            self._thr_pending, self._level = self._fast_path.c_state()
+            self._thr_pending, self._ier, self._level = self._fast_path.c_state()
+        self._taken = (self._thr_pending, self._ier)
 
     def _update_irq(self) -> None:
         if not self._c_owns_line():
             super()._update_irq()
 
-    def _publish(self, keep_thre: bool) -> None:
-        """Tell C the new state; ``keep_thre``: the model did not touch THRE (feed),
-        so a THR write C handled meanwhile on another vCPU stays latched."""
+    def _publish(self) -> None:
+        """Tell C the new state: THRE and IER only if changed since ``_take_over``."""
+        taken, self._taken = self._taken, None
         if self._fast_path is not None:
-            level = self._fast_path.publish(self.fast_path_state(), None if keep_thre else self._thr_pending)
+            thre = None if taken is not None and taken[0] == self._thr_pending else self._thr_pending
+            ier = None if taken is not None and taken[1] == self._ier else self._ier
+            level = self._fast_path.publish(self.fast_path_state(), thre, ier)
             if self._c_owns_line():
                 self._level = level
 
@@ -295,20 +308,20 @@ class ConsoleUart(Serial16550):
         with self._lock:
             self._take_over()
             out = super().read(offset, size)
-            self._publish(keep_thre=False)
+            self._publish()
         return out
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
             self._take_over()
             super().write(offset, data)
-            self._publish(keep_thre=False)
+            self._publish()
 
     def feed(self, data: bytes) -> int:
         with self._lock:
             self._take_over()
             taken = super().feed(data)
-            self._publish(keep_thre=True)
+            self._publish()
         return taken
 
 

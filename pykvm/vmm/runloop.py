@@ -7,8 +7,9 @@ drives two implementations that behave the same:
   the GIL and answers the frequent, simple exits in C: accesses to ranges whose
   device is a ``ConstantDevice`` (ignored ports, counters) and, while the 16550
   model says it is safe, THR writes (into a ring Python drains) and LSR and MSR reads;
-  and IIR and IER reads, latching THRE and driving the UART's interrupt line
-  with KVM_IRQ_LINE as the model would (interrupt-driven transmit stays in C).
+  and IIR reads and IER reads and writes, latching THRE and driving the UART's
+  interrupt line with KVM_IRQ_LINE as the model would (interrupt-driven
+  transmit, with the 8250 driver's THRI toggling, stays in C).
   Every other exit comes back here and takes the Python path.
 - ``PyRunLoop``: ``Vcpu.run()`` and the same Python path for every exit.
 
@@ -76,7 +77,7 @@ class FastPathUart(Protocol):
     irq_level: bool  # the interrupt line's level
 
     def fast_path_state(self) -> tuple:
-        """(tx_ok, lsr, msr, irq_mode, iir_fifo, ier, other_pending, line_enable): see struct pykvm_rl_uart."""
+        """(tx_ok, lsr, msr, irq_mode, iir_fifo, other_sources, line_enable): see struct pykvm_rl_uart."""
 
     def emit(self, data: bytes) -> None:
         """Send bytes written to THR through the fast path to the model's output."""
@@ -86,7 +87,7 @@ class UartFastPath:
     """The C side of a 16550 fast path (``struct pykvm_rl_uart``), one per machine:
     every vCPU's C loop appends transmitted bytes to its ring; ``drain()`` (any
     thread) hands them to the model's output in order. In interrupt-driven
-    transmit C also latches and acknowledges THRE and drives the UART's line."""
+    transmit C also latches and acknowledges THRE, keeps IER and drives the UART's line."""
 
     FLUSH_INTERVAL = 0.02  # seconds between drains while a loop runs (output without a newline)
     IDLE_EXIT = 1.0  # the drain thread ends this long after the last loop left
@@ -109,21 +110,23 @@ class UartFastPath:
         self._buf = ffi.new("uint8_t[]", lib.PYKVM_RL_UART_RING)
         model.fast_path = self
 
-    def publish(self, state: tuple, thre_pending: Optional[bool]) -> bool:
-        """The model's new state (``thre_pending`` None: keep C's); returns the line's level."""
-        tx_ok, lsr, msr, irq_mode, iir_fifo, ier, other, line_enable = state
+    def publish(self, state: tuple, thre_pending: Optional[bool], ier: Optional[int]) -> bool:
+        """The model's new state (``thre_pending``, ``ier`` None: keep C's); returns the line's level."""
+        tx_ok, lsr, msr, irq_mode, iir_fifo, other, line_enable = state
         if self._vm is not None and self._vm.closed:
             self.c.vm_fd = -1  # input fed after the machine closed: the fd number may be reused
-        rc = lib.pykvm_uart_publish(self.c, int(tx_ok), lsr, msr, int(irq_mode), iir_fifo, ier, int(other),
-                                    int(line_enable), -1 if thre_pending is None else int(thre_pending))
+        rc = lib.pykvm_uart_publish(self.c, int(tx_ok), lsr, msr, int(irq_mode), iir_fifo,
+                                    -1 if ier is None else ier, other, int(line_enable),
+                                    -1 if thre_pending is None else int(thre_pending))
         if rc < 0:
             log.warning("UART interrupt line: %s", ioctl_error(KvmError, -rc, "KVM_IRQ_LINE"))
             return bool(self.c.level)
         return bool(rc)
 
-    def c_state(self) -> Tuple[bool, bool]:
-        """(THRE latched, line level) as C left them."""
-        return bool(self.c.thre_pending), bool(self.c.level)
+    def c_state(self) -> Tuple[bool, int, bool]:
+        """(THRE latched, IER, line level) as C left them, read at one instant."""
+        state = lib.pykvm_uart_take(self.c)
+        return bool(state & lib.PYKVM_RL_UART_THRE), state & 0x0F, bool(state & lib.PYKVM_RL_UART_LEVEL)
 
     def enter(self) -> None:
         """A loop starts running: keep one drain thread alive (not one per run_until)."""

@@ -214,13 +214,20 @@ class Serial16550:
             return IIR_THRE
         return other
 
+    def _other_sources(self) -> int:
+        """The IER bits (RLS, RDA, MSI) whose condition holds, enabled or not: a line
+        error (overrun, break), received data, a modem status delta."""
+        return ((IER_RLS if self._lsr & (LSR_OE | LSR_BI) else 0) | (IER_RDA if self._lsr & LSR_DR else 0)
+                | (IER_MSI if self._msr_deltas else 0))
+
     def _pending_other(self) -> int:
         """IIR identification of the highest-priority pending interrupt other than THRE."""
-        if self._ier & IER_RLS and self._lsr & (LSR_OE | LSR_BI):
+        active = self._ier & self._other_sources()
+        if active & IER_RLS:
             return IIR_RLS
-        if self._ier & IER_RDA and self._lsr & LSR_DR:
+        if active & IER_RDA:
             return IIR_RDA
-        if self._ier & IER_MSI and self._msr_deltas:
+        if active & IER_MSI:
             return IIR_MSI
         return IIR_NONE
 
