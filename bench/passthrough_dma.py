@@ -61,6 +61,7 @@ READ_RE = re.compile(r"BENCH-READ (\S+) (\d+) ([\d.]+)")
 TARGETS = {"pykvm/L1": 0.9, "pykvm/QEMU": 1.0}
 VARIANTS = ("L1", "L1-DMA", "pykvm", "QEMU")
 POLL_QUEUES = "/sys/module/nvme/parameters/poll_queues"
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 GUEST_SCRIPT = """
 wait_disk() {{ i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done; }}
@@ -190,12 +191,22 @@ def qemu_argv(kernel: Path, initrd: Path, bdf: str, cmdline: str) -> List[str]:
 
 
 def measure(args) -> dict:
+    """All rounds, with L1's THP set to ``--l1-thp`` for the run (and put back)."""
+    if not os.path.exists(f"{DEBUGFS}/kvm"):
+        subprocess.run(["mount", "-t", "debugfs", "none", DEBUGFS], check=True)
+    thp = Path(THP).read_text().split("[")[1].split("]")[0]
+    if args.l1_thp:
+        Path(THP).write_text(args.l1_thp)
+    try:
+        return measure_modes(args, args.modes)
+    finally:
+        Path(THP).write_text(thp)
+
+
+def measure_modes(args, modes: List[str]) -> dict:
     from pykvm.lab import NVME_BDF
     from pykvm.lab.l2 import build_guest_initramfs, guest_cmdline, guest_kernel, run_guest, run_streaming, vfio_bound
 
-    if not os.path.exists(f"{DEBUGFS}/kvm"):
-        subprocess.run(["mount", "-t", "debugfs", "none", DEBUGFS], check=True)
-    modes = args.modes
     poll_queues = 1 if any(m.startswith("poll") for m in modes) else 0
     kernel, modules = guest_kernel()
     samples: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}
@@ -238,7 +249,8 @@ def measure(args) -> dict:
     finally:
         if poll_queues:
             reprobe_nvme(NVME_BDF, domain=domain, poll_queues=old_poll)
-    return {"mbps": samples, "windows": windows, "pykvm_stats": stats_tables[-1]}
+    return {"mbps": samples, "windows": windows, "pykvm_stats": stats_tables[-1],
+            "l1_thp": Path(THP).read_text().strip()}
 
 
 def per_mb(windows: List[dict], reps: int, disk_bytes: int) -> Dict[str, float]:
@@ -258,7 +270,8 @@ def summarize(measured: dict, args) -> dict:
     samples = measured["mbps"]
     out: Dict[str, dict] = {}
     print(f"\nsequential O_DIRECT reads of the lab's NVMe ({devices.NVME_DISK_SIZE >> 20} MiB, bs={args.bs}, "
-          f"{args.reps} reads x {args.rounds} rounds per mode; median MB/s, fastest in brackets)")
+          f"{args.reps} reads x {args.rounds} rounds per mode; L1's THP: {measured['l1_thp']}; "
+          f"median MB/s, fastest in brackets)")
     for mode in args.modes:
         mbps = {name: statistics.median(samples[name][mode]) for name in VARIANTS}
         ratios = {"pykvm/L1": mbps["pykvm"] / mbps["L1"], "pykvm/QEMU": mbps["pykvm"] / mbps["QEMU"],
@@ -279,7 +292,7 @@ def summarize(measured: dict, args) -> dict:
         out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
                      "per_mb": exits}
     print(f"pykvm's --stats for its last run (whole run: boot, reads, power-off):\n{measured['pykvm_stats'].strip()}")
-    return {"bs": args.bs, "reps": args.reps, "rounds": args.rounds, "modes": args.modes,
+    return {"bs": args.bs, "reps": args.reps, "rounds": args.rounds, "modes": args.modes, "l1_thp": measured["l1_thp"],
             "disk_bytes": devices.NVME_DISK_SIZE, "targets": TARGETS, "results": out, "samples": samples,
             "windows": measured["windows"], "loadavg_l1": os.getloadavg()[0]}
 
@@ -287,7 +300,7 @@ def summarize(measured: dict, args) -> dict:
 def in_lab(args) -> int:
     """Run this script inside L1 and bring its JSON back."""
     return rerun_in_lab(__file__, ["--bs", str(args.bs), "--reps", str(args.reps), "--rounds", str(args.rounds),
-                                   "--modes", ",".join(args.modes)], "passthrough_dma.json", args.json, timeout=2400)
+                                   "--modes", ",".join(args.modes), *(["--l1-thp", args.l1_thp] if args.l1_thp else [])], "passthrough_dma.json", args.json, timeout=2400)
 
 
 def mode_list(text: str) -> List[str]:
@@ -306,6 +319,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b), (c) (default 3)")
     p.add_argument("--modes", type=mode_list, default=mode_list("sync,irq:4,poll:2"),
                    help="comma-separated read modes: sync (issue 5's), irq:N, poll:N (default sync,irq:4,poll:2)")
+    p.add_argument("--l1-thp", choices=("always", "madvise", "never"),
+                   help="L1's transparent huge pages for the whole run (default: leave as booted, always); "
+                        "never puts the guests' RAM on 4 KiB pages: in the IOMMU and in KVM's nested page tables")
     args = p.parse_args()
     if os.environ.get("PYKVM_IN_LAB") != "1":
         return in_lab(args)
