@@ -42,5 +42,6 @@ def test_interrupt_driven_console_output_stays_in_c(tmp_path):
     printed = p.stdout.split(MARKER, 1)[-1]
     assert len(printed) >= MIN_OUTPUT and printed.count("Linux version") == DMESG_REPEAT, detail
     exits, python, vmm_ms = io_stats(p.stderr)
-    print(f"console {len(printed)} bytes after the marker; IO exits {exits}, in Python {python} ({vmm_ms:.1f} ms of VMM time)")
+    print(f"console {len(printed)} bytes after the marker; IO exits {exits}, "
+          f"in Python {python} ({vmm_ms:.1f} ms of VMM time)")
     assert python < PYTHON_IO_EXIT_BUDGET, detail
