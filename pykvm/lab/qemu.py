@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import json
 import os
 import signal
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Deque, List, Optional
 
@@ -53,8 +56,10 @@ def qemu_argv(
     cpus: int,
     interactive: bool = False,
     host_root: str = "/",
+    qmp: Optional[Path] = None,
 ) -> List[str]:
-    """The QEMU command line for L1; ``interactive`` multiplexes the monitor on stdio."""
+    """The QEMU command line for L1; ``interactive`` multiplexes the monitor on stdio;
+    ``qmp`` is a Unix socket path where QEMU listens for QMP (see :func:`l1_cpu_state`)."""
     console = (
         ["-chardev", "stdio,id=con,mux=on,signal=off", "-serial", "chardev:con",
          "-mon", "chardev=con,mode=readline"]
@@ -77,7 +82,44 @@ def qemu_argv(
         "-kernel", str(image.kernel_path), "-initrd", str(image.initrd_path),
         "-append", KERNEL_CMDLINE,
         *console,
+        *(["-qmp", f"unix:{qmp},server=on,wait=off"] if qmp else []),
     ]
+
+
+# What the monitor shows about a stuck L1: whether its CPU is halted (HLT=1 in the flags
+# line), where it runs, and its local APIC (is a timer armed? an interrupt pending?).
+_STATE_COMMANDS = ("info cpus", "info registers", "info lapic")
+
+
+def l1_cpu_state(qmp: Path, timeout: float = 10.0) -> str:
+    """L1's CPU and local APIC state from QEMU's monitor, over QMP at ``qmp``.
+
+    Called when L1 misses a deadline, so that a stuck L1 says whether it sits halted
+    waiting for an interrupt that never comes or spins. Never raises: a QEMU that does
+    not answer is reported as such.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(qmp))
+            stream = sock.makefile("rw", encoding="utf-8", newline="\n")
+
+            def command(name: str, **arguments: object) -> object:
+                stream.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+                stream.flush()
+                while time.monotonic() < deadline:
+                    reply = json.loads(stream.readline() or "{}")
+                    if "return" in reply or "error" in reply:
+                        return reply.get("return", reply.get("error"))
+                raise TimeoutError("no QMP reply")
+
+            json.loads(stream.readline())  # the greeting
+            command("qmp_capabilities")
+            return "\n".join(f"({line})\n{command('human-monitor-command', **{'command-line': line})}"
+                             for line in _STATE_COMMANDS)
+    except (OSError, ValueError) as exc:
+        return f"(QEMU's monitor did not answer: {exc})"
 
 
 def _die_with_parent() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 from pykvm.lab import guest
 from pykvm.lab.image import LabImage, Progress, cache_root, prepare, stderr_progress
 from pykvm.lab.initramfs import FileContent, build_initramfs
-from pykvm.lab.qemu import QemuProcess, qemu_argv
+from pykvm.lab.qemu import QemuProcess, l1_cpu_state, qemu_argv
 
 LineSink = Callable[[str], None]
 
@@ -36,11 +37,15 @@ class LabError(RuntimeError):
         super().__init__(message)
         self.message = message
         self.console_tail = console_tail
+        self.cpu_state = ""  # L1's CPU and APIC state from QEMU's monitor, on a timeout
 
     def __str__(self) -> str:
-        if not self.console_tail:
-            return self.message
-        return f"{self.message}\n--- last console lines ---\n{self.console_tail}"
+        text = self.message
+        if self.console_tail:
+            text += f"\n--- last console lines ---\n{self.console_tail}"
+        if self.cpu_state:
+            text += f"\n--- L1's CPU when it was stopped ---\n{self.cpu_state}"
+        return text
 
 
 class LabTimeout(LabError):
@@ -160,7 +165,9 @@ class Lab:
             if is_output and stream:
                 stream(line)
 
-        qemu = QemuProcess(qemu_argv(self.image, out, memory_mb=self.memory_mb, cpus=self.cpus), on_line)
+        monitor_dir = tempfile.mkdtemp(prefix="pykvm-lab-qmp-")  # host-only: not in the shared out dir
+        qmp = Path(monitor_dir) / "qmp.sock"
+        qemu = QemuProcess(qemu_argv(self.image, out, memory_mb=self.memory_mb, cpus=self.cpus, qmp=qmp), on_line)
         timings: Dict[str, float] = {}
         try:
             self._await(qemu, began, self.boot_timeout, parser, "L1 to boot and start the command")
@@ -171,12 +178,15 @@ class Lab:
                 raise LabTimeout(f"L1 did not power off within {self.shutdown_timeout:g} s", guest.tail(parser.console))
             qemu.finish_reading()
         except LabError as exc:
+            if isinstance(exc, LabTimeout) and qemu.poll() is None:
+                exc.cpu_state = l1_cpu_state(qmp)
             qemu.kill()  # drains the console, including a last line without newline
             with lock:
                 exc.console_tail = guest.tail(parser.console)
             raise
         finally:
             qemu.kill()
+            shutil.rmtree(monitor_dir, ignore_errors=True)
         timings["total"] = time.monotonic() - started
         with lock:
             if parser.failure and not parser.done:

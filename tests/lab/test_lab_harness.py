@@ -66,6 +66,11 @@ def test_run_returns_status_output_and_reports_timeout_and_panic(lab, tmp_path):
         lab.run(["sh", "-c", "echo sleeping; sleep 600"], timeout=5, out_dir=tmp_path / "out")
     assert time.monotonic() - started < lab.boot_timeout + 5 + 15
     assert "sleeping" in excinfo.value.console_tail
+    # The monitor's view of L1 comes with the timeout: its registers (HLT= says whether it
+    # was halted) and its local APIC's timer, to tell a lost wakeup from a spinning L1.
+    state = excinfo.value.cpu_state
+    assert "RIP=" in state and "HLT=" in state and "LVTT" in state, state
+    assert "L1's CPU when it was stopped" in str(excinfo.value)
 
     with pytest.raises(LabCrash) as excinfo:
         lab.run(["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout=60, out_dir=tmp_path / "out2")
