@@ -19,11 +19,13 @@ one ``pread`` at a time, each completed by an NVMe interrupt; ``irq:N`` keeps N 
 flight with io_uring, still completed by interrupts; ``poll:N`` keeps N in flight with
 io_uring IOPOLL on an NVMe poll queue: no interrupt at all, so what remains is the DMA
 path itself (IOMMU translation, doorbells, guest execution). Polled reads are capped at
-the device's largest request (512 KiB here: the kernel does not poll a read it splits),
-so ``poll:2`` has as many bytes in flight as a 1 MiB ``sync`` read (two 512 KiB
-commands). When a poll mode is asked for, every nvme driver (L1's and the guests') is
-re-probed with ``poll_queues=1`` before the first read, so all variants read from the
-same queue layout.
+the largest power of two the device takes unsplit (256 KiB here: 127 segments, just short
+of the 512 KiB limit; the kernel does not poll a read it splits), so ``poll:4`` has as
+many bytes in flight as a 1 MiB ``sync`` read (two 512 KiB commands). When a poll mode
+is asked for, every nvme driver (L1's and the guests') is re-probed with
+``poll_queues=1`` before the first read, so all variants read from the same queue layout.
+Reads of one mode that do not finish within 90 s are cut off and reported as
+failures (with L1's nvme messages), not as numbers.
 
 MB/s (10^6 bytes/s, each machine's own clock) are medians over all reads; the ratios
 (b)/(a) (target >= 0.9) and (b)/(c) (target >= 1.0) are printed per mode with whether the
@@ -62,6 +64,7 @@ TARGETS = {"pykvm/L1": 0.9, "pykvm/QEMU": 1.0}
 VARIANTS = ("L1", "L1-DMA", "pykvm", "QEMU")
 POLL_QUEUES = "/sys/module/nvme/parameters/poll_queues"
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+READ_TIMEOUT = 90  # seconds for one mode's reads (~3 s when the device keeps up)
 
 GUEST_SCRIPT = """
 wait_disk() {{ i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done; }}
@@ -82,7 +85,7 @@ for spec in {modes}; do
     before=$(nvirqs)
     echo "{begin} $spec"
     sleep 1
-    /bin/direct_read /dev/nvme0n1 {bs} {reps} $kind $depth > /tmp/reads.log
+    timeout {read_timeout} /bin/direct_read /dev/nvme0n1 {bs} {reps} $kind $depth > /tmp/reads.log
     sleep 1
     echo "{end} $spec"
     echo "BENCH-IRQS $spec $(( $(nvirqs) - before ))"
@@ -143,15 +146,25 @@ def build_reader(workdir: str) -> str:
     return out
 
 
-def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str) -> List[float]:
+def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str) -> Tuple[List[float], str]:
+    """L1's reads of ``mode`` (MB/s each) and, if they did not all finish within
+    READ_TIMEOUT seconds, what the reader and L1's nvme driver said."""
     from pykvm.lab.demo import namespace_of
 
     device = namespace_of(bdf)
     if device is None:
         raise RuntimeError(f"L1 has no namespace for {bdf}")
-    text = subprocess.run([reader, device, str(bs), str(reps), *reader_args(mode)], capture_output=True, text=True,
-                          check=True, timeout=300).stdout
-    return parse_reads(text.replace("BENCH-READ ", f"BENCH-READ {mode} "))[mode]
+    try:
+        run = subprocess.run([reader, device, str(bs), str(reps), *reader_args(mode)], capture_output=True, text=True,
+                             timeout=READ_TIMEOUT)
+        text, error = run.stdout, run.stderr
+    except subprocess.TimeoutExpired as exc:
+        text, error = (exc.stdout or b"").decode(), f"no end after {READ_TIMEOUT} s"
+    reads = parse_reads(text.replace("BENCH-READ ", f"BENCH-READ {mode} ")).get(mode, [])
+    if len(reads) == reps:
+        return reads, ""
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+    return [], error + "\n" + "\n".join(line for line in dmesg[-200:] if "nvme" in line)[-1000:]
 
 
 def reprobe_nvme(bdf: str, domain: Optional[str] = None, poll_queues: Optional[int] = None) -> Tuple[str, int]:
@@ -173,14 +186,20 @@ def reprobe_nvme(bdf: str, domain: Optional[str] = None, poll_queues: Optional[i
     return before
 
 
-def guest_result(run, windows: Windows, name: str, modes: List[str]) -> dict:
+def guest_result(run, windows: Windows, name: str, modes: List[str], reps: int) -> Tuple[dict, Dict[str, str]]:
+    """Per mode, the guest's reads and counts; and the modes whose reads did not all finish,
+    with what the guest printed meanwhile (a guest that did not get through raises)."""
     if run.returncode != 0 or f"{END} {modes[-1]}" not in run.console:
         raise RuntimeError(f"{name} guest failed:\n{run.detail()}")
     reads = parse_reads(run.console)
     irqs = dict(re.findall(r"BENCH-IRQS (\S+) (-?\d+)", run.console))
     iopoll = re.search(r"BENCH-IOPOLL (\d)", run.console)
-    return {mode: {"mbps": reads[mode], "kvm": windows.delta(mode), "guest_nvme_irqs": int(irqs[mode]),
-                   "io_poll": iopoll and int(iopoll[1]), "seconds": run.seconds} for mode in modes}
+    done = {mode: {"mbps": reads[mode], "kvm": windows.delta(mode), "guest_nvme_irqs": int(irqs[mode]),
+                   "io_poll": iopoll and int(iopoll[1]), "seconds": run.seconds}
+            for mode in modes if len(reads.get(mode, [])) == reps}
+    failed = {mode: run.console[run.console.find(f"{BEGIN} {mode}"):run.console.find(f"{END} {mode}")][-1000:]
+              for mode in modes if mode not in done}
+    return done, failed
 
 
 def qemu_argv(kernel: Path, initrd: Path, bdf: str, cmdline: str) -> List[str]:
@@ -212,45 +231,59 @@ def measure_modes(args, modes: List[str]) -> dict:
     samples: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}
     windows: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in ("pykvm", "QEMU")}
     stats_tables: List[str] = []
+    failures: List[dict] = []
     domain, old_poll = reprobe_nvme(NVME_BDF, poll_queues=poll_queues) if poll_queues else (None, None)
     try:
         with tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp:
             reader = build_reader(tmp)
             script = GUEST_SCRIPT.format(bs=args.bs, reps=args.reps, begin=BEGIN, end=END, idle=IDLE,
-                                         modes=" ".join(modes), poll_queues=poll_queues, poll_param=POLL_QUEUES)
+                                         modes=" ".join(modes), poll_queues=poll_queues, poll_param=POLL_QUEUES,
+                                         read_timeout=READ_TIMEOUT)
             initrd = build_guest_initramfs(Path(tmp) / "bench.img", script, ["nvme"],
                                            {"/bin/direct_read": Path(reader)}, modules_dir=modules)
             for round_ in range(args.rounds):
+                for variant, domain_type in (("L1", None), ("L1-DMA", "DMA")):
+                    original = reprobe_nvme(NVME_BDF, domain=domain_type)[0] if domain_type else None
+                    try:
+                        for mode in modes:
+                            reads, error = l1_reads(reader, NVME_BDF, args.bs, args.reps, mode)
+                            samples[variant][mode] += reads
+                            if error:
+                                print(f"round {round_ + 1} {mode}: {variant}'s reads did not finish: {error}", flush=True)
+                                failures.append({"round": round_ + 1, "variant": variant, "mode": mode,
+                                                 "console": error})
+                    finally:
+                        if original is not None:
+                            reprobe_nvme(NVME_BDF, domain=original)
                 for mode in modes:
-                    samples["L1"][mode] += l1_reads(reader, NVME_BDF, args.bs, args.reps, mode)
-                original = reprobe_nvme(NVME_BDF, domain="DMA")[0]
-                try:
-                    for mode in modes:
-                        samples["L1-DMA"][mode] += l1_reads(reader, NVME_BDF, args.bs, args.reps, mode)
-                finally:
-                    reprobe_nvme(NVME_BDF, domain=original)
-                for mode in modes:
-                    print(f"round {round_ + 1} {mode}: L1 {statistics.median(samples['L1'][mode][-args.reps:]):.0f} MB/s, "
-                          f"L1 with a DMA domain ({original} before) "
-                          f"{statistics.median(samples['L1-DMA'][mode][-args.reps:]):.0f} MB/s", flush=True)
+                    print(f"round {round_ + 1} {mode}: L1 {median_of_last(samples['L1'][mode], args.reps)} MB/s, "
+                          f"L1 with a DMA domain {median_of_last(samples['L1-DMA'][mode], args.reps)} MB/s", flush=True)
                 with vfio_bound([NVME_BDF]):
                     for name in (("pykvm", "QEMU") if round_ % 2 == 0 else ("QEMU", "pykvm")):
                         seen = Windows()
                         if name == "pykvm":
-                            run = run_guest(kernel, initrd, vfio=[NVME_BDF], timeout=300, stream=seen)
+                            run = run_guest(kernel, initrd, vfio=[NVME_BDF], timeout=600, stream=seen)
                             stats_tables.append(run.log)
                         else:
-                            run = run_streaming(qemu_argv(kernel, initrd, NVME_BDF, guest_cmdline()), 360, seen)
-                        for mode, got in guest_result(run, seen, name, modes).items():
+                            run = run_streaming(qemu_argv(kernel, initrd, NVME_BDF, guest_cmdline()), 660, seen)
+                        done, failed = guest_result(run, seen, name, modes, args.reps)
+                        for mode, text in failed.items():
+                            print(f"round {round_ + 1} {mode}: {name}'s reads did not finish:\n{text}", flush=True)
+                            failures.append({"round": round_ + 1, "variant": name, "mode": mode, "console": text})
+                        for mode, got in done.items():
                             samples[name][mode] += got.pop("mbps")
                             windows[name][mode].append(got)
-                            print(f"round {round_ + 1} {mode}: {name} {statistics.median(samples[name][mode][-args.reps:]):.0f} MB/s, "
+                            print(f"round {round_ + 1} {mode}: {name} {median_of_last(samples[name][mode], args.reps)} MB/s, "
                                   f"guest io_poll {got['io_poll']}, KVM counts in the read window {got['kvm']}", flush=True)
     finally:
         if poll_queues:
             reprobe_nvme(NVME_BDF, domain=domain, poll_queues=old_poll)
-    return {"mbps": samples, "windows": windows, "pykvm_stats": stats_tables[-1],
+    return {"mbps": samples, "windows": windows, "pykvm_stats": stats_tables[-1], "failures": failures,
             "l1_thp": Path(THP).read_text().strip()}
+
+
+def median_of_last(values: List[float], n: int) -> str:
+    return f"{statistics.median(values[-n:]):.0f}" if values else "-"
 
 
 def per_mb(windows: List[dict], reps: int, disk_bytes: int) -> Dict[str, float]:
@@ -273,6 +306,10 @@ def summarize(measured: dict, args) -> dict:
           f"{args.reps} reads x {args.rounds} rounds per mode; L1's THP: {measured['l1_thp']}; "
           f"median MB/s, fastest in brackets)")
     for mode in args.modes:
+        missing = [name for name in VARIANTS if not samples[name][mode]]
+        if missing:
+            print(f"mode {mode}: no reads from {', '.join(missing)}")
+            continue
         mbps = {name: statistics.median(samples[name][mode]) for name in VARIANTS}
         ratios = {"pykvm/L1": mbps["pykvm"] / mbps["L1"], "pykvm/QEMU": mbps["pykvm"] / mbps["QEMU"],
                   "pykvm/L1-DMA": mbps["pykvm"] / mbps["L1-DMA"]}
@@ -291,10 +328,13 @@ def summarize(measured: dict, args) -> dict:
             print(f"    {name:<8}" + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
         out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
                      "per_mb": exits}
+    if measured["failures"]:
+        print(f"{len(measured['failures'])} guest runs of a mode did not finish their reads (JSON: failures): "
+              + ", ".join(f"round {f['round']} {f['variant']} {f['mode']}" for f in measured["failures"]))
     print(f"pykvm's --stats for its last run (whole run: boot, reads, power-off):\n{measured['pykvm_stats'].strip()}")
     return {"bs": args.bs, "reps": args.reps, "rounds": args.rounds, "modes": args.modes, "l1_thp": measured["l1_thp"],
             "disk_bytes": devices.NVME_DISK_SIZE, "targets": TARGETS, "results": out, "samples": samples,
-            "windows": measured["windows"], "loadavg_l1": os.getloadavg()[0]}
+            "windows": measured["windows"], "failures": measured["failures"], "loadavg_l1": os.getloadavg()[0]}
 
 
 def in_lab(args) -> int:
@@ -317,8 +357,8 @@ def main() -> int:
     p.add_argument("--bs", type=int, default=1 << 20, help="bytes per read (default 1 MiB)")
     p.add_argument("--reps", type=int, default=20, help="whole-disk reads per boot and mode (default 20)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b), (c) (default 3)")
-    p.add_argument("--modes", type=mode_list, default=mode_list("sync,irq:4,poll:2"),
-                   help="comma-separated read modes: sync (issue 5's), irq:N, poll:N (default sync,irq:4,poll:2)")
+    p.add_argument("--modes", type=mode_list, default=mode_list("sync,irq:4,poll:4"),
+                   help="comma-separated read modes: sync (issue 5's), irq:N, poll:N (default sync,irq:4,poll:4)")
     p.add_argument("--l1-thp", choices=("always", "madvise", "never"),
                    help="L1's transparent huge pages for the whole run (default: leave as booted, always); "
                         "never puts the guests' RAM on 4 KiB pages: in the IOMMU and in KVM's nested page tables")

@@ -10,8 +10,10 @@
  *         completion queue, no interrupt at all, provided the NVMe driver has poll queues
  *         (nvme.poll_queues > 0 when the controller was probed; else the kernel falls back to
  *         interrupts: /sys/block/DEV/queue/io_poll says which). Each read is capped at the
- *         device's largest request (BLKSECTGET; 512 KiB for the lab's NVMe): the block layer
- *         does not poll a read it must split, and on Linux 6.1 such a read never completed.
+ *         largest power of two the device takes as one request whatever the buffer's
+ *         physical pages (max_sectors and max_segments pages: 256 KiB for the lab's NVMe,
+ *         whose 127 segments fall just short of its 512 KiB): the block layer does not poll
+ *         a read it must split, and on Linux 6.1 such a read never completed.
  * Prints one line per pass, "BENCH-READ <bytes> <seconds>". Built static, so the same
  * binary runs in L1 and in a busybox initramfs (passthrough_dma.py). io_uring through its
  * raw system calls: no liburing in a static busybox world. */
@@ -24,6 +26,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -112,6 +116,29 @@ static int ring_pass(struct ring *r, int fd, char *bufs, size_t bs, unsigned dep
     return inflight == 0 ? 0 : -1;
 }
 
+/* The largest power of two <= both max_sectors and max_segments pages of fd's disk (0 if unknown). */
+static size_t unsplit_bytes(int fd)
+{
+    unsigned short max_sectors = 0;
+    unsigned long segments = 0;
+    struct stat st;
+    char path[64];
+    if (ioctl(fd, BLKSECTGET, &max_sectors) < 0 || fstat(fd, &st) < 0)
+        return 0;
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/max_segments", major(st.st_rdev), minor(st.st_rdev));
+    FILE *f = fopen(path, "r");
+    if (f == NULL || fscanf(f, "%lu", &segments) != 1)
+        segments = 0;
+    if (f != NULL)
+        fclose(f);
+    size_t limit = max_sectors * 512UL, page = (size_t)sysconf(_SC_PAGESIZE), cap = page;
+    if (segments && segments * page < limit)
+        limit = segments * page;
+    while (cap * 2 <= limit)
+        cap *= 2;
+    return limit >= page ? cap : 0;
+}
+
 static int sync_pass(int fd, char *buf, size_t bs, unsigned long long size)
 {
     unsigned long long done = 0;
@@ -150,10 +177,12 @@ int main(int argc, char **argv)
         perror(argv[1]);
         return 1;
     }
-    unsigned short max_sectors = 0;
-    if (strcmp(mode, "poll") == 0 && ioctl(fd, BLKSECTGET, &max_sectors) == 0 && max_sectors && bs > max_sectors * 512UL) {
-        bs = max_sectors * 512UL;
-        fprintf(stderr, "poll: reads capped at %zu bytes (the device's largest request)\n", bs);
+    if (strcmp(mode, "poll") == 0) {
+        size_t cap = unsplit_bytes(fd);
+        if (cap && bs > cap) {
+            bs = cap;
+            fprintf(stderr, "poll: reads capped at %zu bytes (the device's largest unsplit request)\n", bs);
+        }
     }
     memset(bufs, 0, bs * depth); /* fault the buffers in before the clock starts */
     struct ring ring = {0};
