@@ -13,7 +13,7 @@
  *         largest power of two the device takes as one request whatever the buffer's
  *         physical pages (max_sectors and max_segments pages: 256 KiB for the lab's NVMe,
  *         whose 127 segments fall just short of its 512 KiB): the block layer does not poll
- *         a read it must split, and on Linux 6.1 such a read never completed.
+ *         a read it must split (1 MiB polled reads hung in every try on Linux 6.1).
  * Prints one line per pass, "BENCH-READ <bytes> <seconds>". Built static, so the same
  * binary runs in L1 and in a busybox initramfs (passthrough_dma.py). io_uring through its
  * raw system calls: no liburing in a static busybox world. */
