@@ -155,7 +155,7 @@ def warn_small_pages(memory: GuestMemory) -> None:
     contiguous, aligned 2 MiB run with one superpage entry; 4 KiB pages cost an IOMMU
     page-table entry (and an IOTLB entry) per 4 KiB of DMA, and KVM's nested page tables
     use 4 KiB entries for them too. In the lab (bench/README.md, passthrough_dma.py
-    --l1-thp never) guest RAM on 4 KiB pages read the NVMe 15-17% slower in interleaved
+    --l1-thp never) guest RAM on 4 KiB pages read the NVMe 14-15% slower in interleaved
     pairs of runs, a difference close to the lab's run-to-run noise."""
     for r in memory:
         huge = r.huge_page_bytes()
