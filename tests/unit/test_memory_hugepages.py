@@ -81,3 +81,30 @@ def test_hugetlb_memory_is_all_huge():
         assert r.huge_page_bytes() == r.size
     finally:
         r.close()
+
+
+def test_passthrough_warns_with_the_fix_when_guest_ram_is_not_on_huge_pages(caplog):
+    from pykvm.memory import GuestMemory
+    from pykvm.vmm.pci.passthrough import warn_small_pages
+
+    with GuestMemory.flat(4 * HUGE_PAGE_SIZE) as memory:  # nothing touched: no huge page yet
+        with caplog.at_level("WARNING", logger="pykvm.vmm.pci.passthrough"):
+            warn_small_pages(memory)
+    assert "0 of 8 MiB on huge pages" in caplog.text and "transparent_hugepage" in caplog.text
+
+
+def test_no_warning_when_guest_ram_is_all_on_huge_pages(caplog):
+    from pykvm.memory import GuestMemory
+    from pykvm.vmm.pci.passthrough import warn_small_pages
+
+    if thp_mode() == "never":
+        pytest.skip("transparent huge pages are off on this host (never)")
+    with GuestMemory.flat(4 * HUGE_PAGE_SIZE) as memory:
+        region = memory.regions[0]
+        for offset in range(0, region.size, PAGE_SIZE):
+            region.buffer[offset] = 1
+        if region.huge_page_bytes() < region.size:
+            pytest.skip("the kernel found no free huge pages just now (fragmented memory)")
+        with caplog.at_level("WARNING", logger="pykvm.vmm.pci.passthrough"):
+            warn_small_pages(memory)
+    assert caplog.text == ""
