@@ -338,7 +338,7 @@ def summarize(measured: dict, args) -> dict:
         out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
                      "per_mb": exits}
     if measured["failures"]:
-        print(f"{len(measured['failures'])} guest runs of a mode did not finish their reads (JSON: failures): "
+        print(f"{len(measured['failures'])} read sets of a mode did not finish (JSON: failures): "
               + ", ".join(f"round {f['round']} {f['variant']} {f['mode']}" for f in measured["failures"]))
     print(f"pykvm's --stats for its last run (whole run: boot, reads, power-off):\n{measured['pykvm_stats'].strip()}")
     return {"bs": args.bs, "reps": args.reps, "rounds": args.rounds, "modes": args.modes, "l1_thp": measured["l1_thp"],
