@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import os
 import signal
-import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Deque, List, Optional
 
@@ -59,7 +56,7 @@ def qemu_argv(
     qmp: Optional[Path] = None,
 ) -> List[str]:
     """The QEMU command line for L1; ``interactive`` multiplexes the monitor on stdio;
-    ``qmp`` is a Unix socket path where QEMU listens for QMP (see :func:`l1_cpu_state`)."""
+    ``qmp`` is a Unix socket path where QEMU listens for QMP (see :mod:`pykvm.lab.monitor`)."""
     console = (
         ["-chardev", "stdio,id=con,mux=on,signal=off", "-serial", "chardev:con",
          "-mon", "chardev=con,mode=readline"]
@@ -84,42 +81,6 @@ def qemu_argv(
         *console,
         *(["-qmp", f"unix:{qmp},server=on,wait=off"] if qmp else []),
     ]
-
-
-# What the monitor shows about a stuck L1: whether its CPU is halted (HLT=1 in the flags
-# line), where it runs, and its local APIC (is a timer armed? an interrupt pending?).
-_STATE_COMMANDS = ("info cpus", "info registers", "info lapic")
-
-
-def l1_cpu_state(qmp: Path, timeout: float = 10.0) -> str:
-    """L1's CPU and local APIC state from QEMU's monitor, over QMP at ``qmp``.
-
-    Called when L1 misses a deadline, so that a stuck L1 says whether it sits halted
-    waiting for an interrupt that never comes or spins. Never raises: a QEMU that does
-    not answer is reported as such.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(qmp))
-            stream = sock.makefile("rw", encoding="utf-8", newline="\n")
-
-            def command(name: str, **arguments: object) -> object:
-                stream.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
-                stream.flush()
-                while time.monotonic() < deadline:
-                    reply = json.loads(stream.readline() or "{}")
-                    if "return" in reply or "error" in reply:
-                        return reply.get("return", reply.get("error"))
-                raise TimeoutError("no QMP reply")
-
-            json.loads(stream.readline())  # the greeting
-            command("qmp_capabilities")
-            return "\n".join(f"({line})\n{command('human-monitor-command', **{'command-line': line})}"
-                             for line in _STATE_COMMANDS)
-    except (OSError, ValueError) as exc:
-        return f"(QEMU's monitor did not answer: {exc})"
 
 
 def _die_with_parent() -> None:
@@ -155,6 +116,15 @@ class QemuProcess:
 
     def poll(self) -> Optional[int]:
         return self._proc.poll()
+
+    def cpu_seconds(self) -> float:
+        """CPU time QEMU has used (user + system, all threads): flat while L1 is idle."""
+        try:
+            with open(f"/proc/{self._proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def wait(self, timeout: float) -> Optional[int]:
         try:

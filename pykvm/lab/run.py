@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 import subprocess
 import tempfile
 import threading
@@ -25,7 +26,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 from pykvm.lab import guest
 from pykvm.lab.image import LabImage, Progress, cache_root, prepare, stderr_progress
 from pykvm.lab.initramfs import FileContent, build_initramfs
-from pykvm.lab.qemu import QemuProcess, l1_cpu_state, qemu_argv
+from pykvm.lab.monitor import Monitor, lost_wakeup
+from pykvm.lab.qemu import QemuProcess, qemu_argv
 
 LineSink = Callable[[str], None]
 
@@ -63,6 +65,40 @@ class LabResult:
     console: str                # the whole console, boot messages included
     out_dir: Path               # host path of $PYKVM_LAB_OUT after the run
     timings: Dict[str, float] = field(default_factory=dict)  # boot, command, total (s)
+    wakeups: int = 0            # lost L1 wakeups the harness repaired (see pykvm.lab.monitor)
+
+
+class StallGuard:
+    """Repairs QEMU TCG's lost wakeup (see :mod:`pykvm.lab.monitor`): once QEMU has used
+    no CPU for ``idle_after`` seconds, asks the monitor for L1's state and, if the CPU sits
+    halted with a deliverable interrupt pending, wakes it with a key press."""
+
+    def __init__(self, qemu: QemuProcess, monitor: Monitor, idle_after: float = 15.0,
+                 report: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)) -> None:
+        self.qemu, self.monitor, self.idle_after, self.report = qemu, monitor, idle_after, report
+        self.wakeups = 0
+        self._cpu = qemu.cpu_seconds()
+        self._since = time.monotonic()
+
+    def check(self) -> None:
+        cpu, now = self.qemu.cpu_seconds(), time.monotonic()
+        if cpu != self._cpu:
+            self._cpu, self._since = cpu, now
+            return
+        if now - self._since < self.idle_after:
+            return
+        self._since = now  # look again only after another idle period
+        vector = lost_wakeup(self.monitor.cpu_state())
+        if vector is None:
+            return
+        try:
+            self.monitor.press_key()
+        except OSError as exc:
+            self.report(f"pykvm lab: L1 sits halted with interrupt {vector} pending, and the wake-up failed: {exc}")
+            return
+        self.wakeups += 1
+        self.report(f"pykvm lab: L1 sat halted for {self.idle_after:g} s with interrupt {vector} pending "
+                    "(QEMU's TCG lost the wakeup); woke it with a key press")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -78,6 +114,8 @@ class Lab:
     cpus: int = field(default_factory=lambda: _env_int("PYKVM_LAB_CPUS", 1))
     boot_timeout: float = 120.0
     shutdown_timeout: float = 30.0
+    # QEMU's monitor of the L1 that run() is running (None between runs): diagnostics, tests.
+    monitor: Optional[Monitor] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def prepare(cls, *, install: bool = False, progress: Progress = stderr_progress, **options) -> "Lab":
@@ -168,35 +206,41 @@ class Lab:
         monitor_dir = tempfile.mkdtemp(prefix="pykvm-lab-qmp-")  # host-only: not in the shared out dir
         qmp = Path(monitor_dir) / "qmp.sock"
         qemu = QemuProcess(qemu_argv(self.image, out, memory_mb=self.memory_mb, cpus=self.cpus, qmp=qmp), on_line)
+        self.monitor = monitor = Monitor(qmp)
+        guard = StallGuard(qemu, monitor)
         timings: Dict[str, float] = {}
         try:
-            self._await(qemu, began, self.boot_timeout, parser, "L1 to boot and start the command")
+            self._await(qemu, began, self.boot_timeout, parser, "L1 to boot and start the command", guard)
             timings["boot"] = time.monotonic() - started
-            self._await(qemu, ended, timeout, parser, "the command")
+            self._await(qemu, ended, timeout, parser, "the command", guard)
             timings["command"] = time.monotonic() - started - timings["boot"]
             if qemu.wait(self.shutdown_timeout) is None:
                 raise LabTimeout(f"L1 did not power off within {self.shutdown_timeout:g} s", guest.tail(parser.console))
             qemu.finish_reading()
         except LabError as exc:
             if isinstance(exc, LabTimeout) and qemu.poll() is None:
-                exc.cpu_state = l1_cpu_state(qmp)
+                exc.cpu_state = monitor.cpu_state()
             qemu.kill()  # drains the console, including a last line without newline
             with lock:
                 exc.console_tail = guest.tail(parser.console)
             raise
         finally:
             qemu.kill()
+            self.monitor = None
             shutil.rmtree(monitor_dir, ignore_errors=True)
         timings["total"] = time.monotonic() - started
         with lock:
             if parser.failure and not parser.done:
                 raise LabCrash(f"L1's init failed: {parser.failure}", guest.tail(parser.console))
-            return LabResult(parser.returncode, "\n".join(parser.output), "\n".join(parser.console), out, timings)  # type: ignore[arg-type]
+            return LabResult(parser.returncode, "\n".join(parser.output), "\n".join(parser.console), out, timings,  # type: ignore[arg-type]
+                             guard.wakeups)
 
     @staticmethod
-    def _await(qemu: QemuProcess, event: threading.Event, seconds: float, parser: guest.ConsoleParser, what: str) -> None:
+    def _await(qemu: QemuProcess, event: threading.Event, seconds: float, parser: guest.ConsoleParser, what: str,
+               guard: StallGuard) -> None:
         deadline = time.monotonic() + seconds
         while not event.wait(0.1):
+            guard.check()
             status = qemu.poll()
             if status is not None:
                 qemu.finish_reading()

@@ -75,3 +75,35 @@ def test_run_returns_status_output_and_reports_timeout_and_panic(lab, tmp_path):
     with pytest.raises(LabCrash) as excinfo:
         lab.run(["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout=60, out_dir=tmp_path / "out2")
     assert "Kernel panic" in excinfo.value.console_tail
+
+
+# In L1: wait (60 s at most) for the i8042 keyboard interrupt count to grow; print the growth.
+_AWAIT_KEY = r"""
+import time
+def count():
+    return sum(int(f) for line in open("/proc/interrupts") if line.rstrip().endswith("i8042")
+               for f in line.split()[1:] if f.isdigit())
+before = count()
+print("WAITING-FOR-KEY", flush=True)
+deadline = time.monotonic() + 60
+while count() == before and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("i8042 interrupts:", count() - before, flush=True)
+raise SystemExit(0 if count() > before else 1)
+"""
+
+
+def test_monitor_key_press_reaches_l1_as_an_interrupt(lab, tmp_path):
+    """On the host: the harness's wake-up for QEMU's lost wakeups (a key press through QMP)
+    arrives in L1 as keyboard interrupts."""
+    pressed = []
+
+    def on_console(line: str) -> None:
+        if "WAITING-FOR-KEY" in line and not pressed:
+            lab.monitor.press_key()
+            pressed.append(line)
+
+    result = lab.run(["python3", "-c", _AWAIT_KEY], timeout=120, console=on_console, out_dir=tmp_path / "out")
+    assert pressed and result.returncode == 0, result.output
+    assert int(result.output.split("i8042 interrupts:")[1].split()[0]) >= 1
+    assert result.wakeups == 0  # the command never left L1 idle for long
