@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
+#include <unistd.h>
 #include <x86intrin.h>
 
 /* The deadline check runs after every exit: the coarse clock (a few ns, tick
@@ -93,7 +94,14 @@ static int uart_append(struct pykvm_rl_uart *u, const uint8_t *data, uint32_t co
     }
     __atomic_store_n(&u->head, head + count, __ATOMIC_RELEASE);
     u->tx_bytes += count;
-    return (newline && u->flush_on_newline) || head + count - tail >= PYKVM_RL_UART_RING / 2 ? 2 : 1;
+    int flush = (newline && u->flush_on_newline) || head + count - tail >= PYKVM_RL_UART_RING / 2;
+    if (!flush && head == tail && u->notify_fd >= 0) {
+        uint64_t one = 1; /* the ring was empty: wake the drain thread (non-blocking eventfd) */
+        if (write(u->notify_fd, &one, sizeof one) < 0) {
+            /* EAGAIN cannot happen below 2^64-1 pending wakes; nothing to do otherwise */
+        }
+    }
+    return flush ? 2 : 1;
 }
 
 /* A THR write: pure output, or (interrupt mode) output that latches THRE. */

@@ -72,6 +72,9 @@ struct pykvm_rl_uart {
     int32_t line_enable;        /* MCR.OUT2 set and loopback off: pending interrupts reach the line */
     int32_t thre_pending;
     int32_t level;              /* the line as last driven */
+    int32_t notify_fd;          /* eventfd C signals when output lands in an empty ring without a
+                                   return to Python (no newline yet), or -1: Python's drain thread
+                                   sleeps on it instead of polling */
     uint32_t lock;
     uint32_t head;              /* producers' index */
     uint32_t tail;              /* consumer's index */

@@ -26,7 +26,7 @@ struct pykvm_rl_range {
 
 struct pykvm_rl_uart {
     int32_t base; int32_t tx_ok; int32_t lsr; int32_t flush_on_newline;
-    int32_t vm_fd; int32_t gsi; int32_t irq_mode; int32_t level;
+    int32_t vm_fd; int32_t gsi; int32_t irq_mode; int32_t level; int32_t notify_fd;
     uint32_t head; uint32_t tail; uint64_t tx_bytes; ...;
 };
 

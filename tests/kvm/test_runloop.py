@@ -13,6 +13,7 @@ from pykvm.vmm.bus import Bus
 from pykvm.vmm.console import ConsoleUart
 from pykvm.vmm.devices.serial import COM1_PORT, MSR_IDLE
 from pykvm.vmm.runloop import ALL_ONES, ConstantDevice, CRunLoop, PyRunLoop, RunLoop, Status
+from tests.conftest import open_fds
 from tests.kvm.guests import HLT, JMP_SELF, real_mode_vcpu
 
 LOOPS = (CRunLoop, PyRunLoop)
@@ -170,6 +171,46 @@ def test_uart_bytes_without_newline_reach_console_while_guest_runs(vm):
     runner.join(10)
     assert bytes(m.console) == b"$ " and not runner.is_alive()
     assert loop.stats.c_handled["IO"] == 2
+
+
+def test_uart_drain_thread_sleeps_while_the_guest_prints_nothing(vm):
+    """C wakes the drain thread through an eventfd only when output waits without a newline:
+    a quiet guest costs no wakeups (a 50 Hz poll would drain ~25 times in 0.5 s), and the
+    thread and its eventfd go away once no loop runs."""
+    assert no_drain_thread_within(5)  # earlier tests' threads (and eventfds) are gone
+    m = Machine()
+    cpu, _ = real_mode_vcpu(vm, out_dx(COM1_PORT, 1, ord("$")) + JMP_SELF)
+    desc = RunLoop(m.pio, m.mmio)
+    loop = CRunLoop(desc, cpu)
+    fast = desc.fast_uart()
+    drains: List[float] = []
+    drain = fast.drain
+    fast.drain = lambda: (drains.append(time.monotonic()), drain())  # type: ignore[method-assign]
+    before = open_fds()
+    runner = threading.Thread(target=loop.run_until, kwargs={"timeout": 10})
+    runner.start()
+    deadline = time.monotonic() + 5
+    while bytes(m.console) != b"$" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    quiet_from = time.monotonic()
+    time.sleep(0.5)
+    woken = [t for t in drains if t > quiet_from]
+    loop.stop()
+    runner.join(10)
+    assert bytes(m.console) == b"$" and not runner.is_alive()
+    assert woken == []
+    assert no_drain_thread_within(5)
+    assert open_fds() == before
+
+
+def no_drain_thread_within(seconds: float) -> bool:
+    """Wait for every UART drain thread to end (each lingers IDLE_EXIT after its last loop)."""
+    deadline = time.monotonic() + seconds
+    while any(t.name == "pykvm-uart-drain" for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.mark.parametrize("loop_cls", LOOPS)
