@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 
-from pykvm.host.bind import bind, restore
-from pykvm.host.sysfs import Root
 from pykvm.lab import EDU_BDF
 from pykvm.vfio import Container, Group, lib
 from tests.conftest import open_fds
-from tests.lab.support import wait_for
+from tests.lab.support import bound_to_vfio
 
 ID, LIVENESS, IRQ_STATUS, IRQ_RAISE, IRQ_ACK = 0x00, 0x04, 0x24, 0x60, 0x64
 DMA_SRC, DMA_DST, DMA_COUNT, DMA_CMD = 0x80, 0x88, 0x90, 0x98
@@ -30,12 +27,8 @@ PAGE = 4096
 @pytest.fixture(scope="module")
 def edu_bound(tmp_path_factory):
     """The lab's edu bound to vfio-pci for one test module, then given back."""
-    state = str(tmp_path_factory.mktemp("bind"))
-    bind(Root(), EDU_BDF, state_dir=state)
-    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{EDU_BDF}/iommu_group"))
-    assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists(), timeout=10), "vfio group node did not appear"
-    yield EDU_BDF
-    restore(Root(), EDU_BDF, state_dir=state)
+    with bound_to_vfio(EDU_BDF, str(tmp_path_factory.mktemp("bind"))) as bdf:
+        yield bdf
 
 
 class Edu:

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pykvm.host.bind import bind, restore
-from pykvm.host.sysfs import Root
 from pykvm.lab import NVME_BDF, NVME_SERIAL
 from pykvm.vfio import Container, EventFd, Group, VfioError, lib
-from tests.lab.support import wait_for
+from tests.lab.support import bound_to_vfio
 
 pytestmark = pytest.mark.lab
 
@@ -28,12 +26,8 @@ CC_IOSQES_64B, CC_IOCQES_16B = 6 << 16, 4 << 20
 
 @pytest.fixture(scope="module")
 def nvme_bound(tmp_path_factory):
-    state = str(tmp_path_factory.mktemp("bind"))
-    bind(Root(), NVME_BDF, state_dir=state)
-    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{NVME_BDF}/iommu_group"))
-    assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists(), timeout=10), "vfio group node did not appear"
-    yield NVME_BDF
-    restore(Root(), NVME_BDF, state_dir=state)
+    with bound_to_vfio(NVME_BDF, str(tmp_path_factory.mktemp("bind"))) as bdf:
+        yield bdf
 
 
 @pytest.fixture
