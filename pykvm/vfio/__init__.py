@@ -12,7 +12,6 @@ from pykvm._native import lib
 from pykvm.vfio.caps import CapabilityChainError
 from pykvm.vfio.container import Container, DmaMapping, IommuInfo, Migration
 from pykvm.vfio.device import Device, DeviceInfo, HotResetDependent
-from pykvm.vfio.dma_batch import DmaBatch
 from pykvm.vfio.errors import VfioError, VfioUnavailableError
 from pykvm.vfio.eventfd import EventFd
 from pykvm.vfio.group import Group, GroupStatus
@@ -27,3 +26,13 @@ __all__ = [
     "DmaAllocator", "DmaBuffer", "IovaAllocator", "IrqInfo", "ConfigSpace", "MsixCap", "Mmio", "Region",
     "RegionCaps", "RegionInfo", "RegionType", "SparseArea",
 ]
+
+
+def __getattr__(name: str):
+    """``DmaBatch`` on first use: its module imports numpy, which `import pykvm.vfio` (and
+    every `pykvm run --vfio`) should not pay for."""
+    if name == "DmaBatch":
+        from pykvm.vfio.dma_batch import DmaBatch
+
+        return DmaBatch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

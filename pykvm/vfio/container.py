@@ -14,17 +14,17 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
-
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm.errors import VfioError
 from pykvm.vfio.caps import query_info, read_array, read_struct, walk_chain
-from pykvm.vfio.dma_batch import ArrayLike, DmaBatch, batch_arrays, check_batch, outside_ranges, u64_pointer
 from pykvm.vfio.errors import VfioUnavailableError, vfio_error
-from pykvm.vfio.iova import Range, merge_ranges
+from pykvm.vfio.iova import Range, merge_ranges, outside_ranges
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from pykvm.vfio.dma_batch import ArrayLike, DmaBatch  # imports numpy: only when a batch is made
     from pykvm.vfio.group import Group
 
 __all__ = ["Container", "DmaMapping", "IommuInfo", "Migration", "parse_iommu_caps", "CONTAINER_PATH"]
@@ -247,6 +247,8 @@ class Container(FdObject):
         ``iovas[i]``). All or nothing: if the kernel refuses entry k, entries 0..k-1 are
         unmapped again and the VfioError (its ``entry`` attribute is k) says why.
         """
+        from pykvm.vfio.dma_batch import DmaBatch, batch_arrays, check_batch
+
         if self._iommu_type is None:
             self._need_iommu("VFIO_IOMMU_MAP_DMA")
         pin = ffi.from_buffer("char[]", buffer, writable)
@@ -262,6 +264,8 @@ class Container(FdObject):
 
     def _map_batch(self, pin: Any, offsets: np.ndarray, iovas: np.ndarray, sizes: np.ndarray, flags: int) -> None:
         """Map every entry in C; if entry k fails, unmap 0..k-1 (in C) and raise why k failed."""
+        from pykvm.vfio.dma_batch import u64_pointer
+
         p_iovas, p_sizes, n = u64_pointer(iovas), u64_pointer(sizes), len(iovas)
         done = lib.pykvm_vfio_map_dma_batch(self._fd, flags, pin, u64_pointer(offsets), p_iovas, p_sizes, n)
         if done == n:
@@ -298,6 +302,8 @@ class Container(FdObject):
 
     def _unmap_batch(self, batch: DmaBatch) -> None:
         """Unmap a batch's live entries in C; the batch is forgotten even if one fails."""
+        from pykvm.vfio.dma_batch import u64_pointer
+
         iovas, sizes = batch.live_arrays()
         failed = lib.pykvm_vfio_unmap_dma_batch(self._fd, u64_pointer(iovas), u64_pointer(sizes), len(iovas))
         err = ffi.errno

@@ -6,6 +6,9 @@ into the extension, which issues the N VFIO_IOMMU_MAP_DMA ioctls itself (and, on
 IOMMU page-table update per entry: a batch saves only the Python work around each
 ioctl, which is what dominates small mappings (see bench/vfio_map_dma.py).
 
+numpy is imported here, and this module only when a batch is made, so that
+``import pykvm.vfio`` (and ``pykvm run --vfio``) does not pay for numpy.
+
 Buffer bounds, IOVA ranges and overlaps inside the batch are checked here, vectorised,
 before any ioctl; what only the kernel can refuse (an overlap with an existing mapping,
 misalignment, the mapping limit) is undone in C: a failed batch leaves nothing mapped.
@@ -19,12 +22,12 @@ import numpy as np
 
 from pykvm._native import ffi
 from pykvm.vfio.errors import vfio_error
-from pykvm.vfio.iova import Range, format_ranges
+from pykvm.vfio.iova import Range, outside_ranges
 
 if TYPE_CHECKING:
     from pykvm.vfio.container import Container
 
-__all__ = ["DmaBatch", "batch_arrays", "check_batch", "outside_ranges", "u64_pointer"]
+__all__ = ["DmaBatch", "batch_arrays", "check_batch", "u64_pointer"]
 
 ArrayLike = Union[int, Sequence[int], np.ndarray]
 _OP = "VFIO_IOMMU_MAP_DMA"
@@ -70,11 +73,6 @@ def batch_arrays(iovas: ArrayLike, sizes: ArrayLike, offsets: Optional[ArrayLike
     if not len(iova) == len(size) == len(offset):
         raise ValueError(f"iovas, sizes and offsets differ in length ({len(iova)}, {len(size)}, {len(offset)})")
     return offset, iova, size
-
-
-def outside_ranges(iova: int, size: int, ranges: Sequence[Range]) -> str:
-    """Why map_dma/map_dma_batch refuse ``[iova, iova+size)`` before asking the kernel."""
-    return f"IOVA [{iova:#x}, {iova + size:#x}) is outside the container's usable IOVA ranges {format_ranges(ranges)}"
 
 
 def _first(bad: np.ndarray) -> Optional[int]:

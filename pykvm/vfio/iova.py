@@ -45,6 +45,11 @@ def format_ranges(ranges: Sequence[Range]) -> str:
     return ", ".join(f"[{s:#x}, {e:#x}]" for s, e in ranges) or "none"
 
 
+def outside_ranges(iova: int, size: int, ranges: Sequence[Range]) -> str:
+    """Why map_dma/map_dma_batch refuse ``[iova, iova+size)`` before asking the kernel."""
+    return f"IOVA [{iova:#x}, {iova + size:#x}) is outside the container's usable IOVA ranges {format_ranges(ranges)}"
+
+
 def _round_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 
