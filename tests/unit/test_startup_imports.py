@@ -1,0 +1,23 @@
+"""What `pykvm run` imports at start-up: start-up time counts in the boot-time bench, and in
+the lab (Python under TCG) every heavy module costs seconds. These modules load on first use."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("numpy", "tomllib", "pykvm.lab", "pykvm.host")
+
+
+@pytest.mark.parametrize("module", ["pykvm.vmm.cli", "pykvm.vmm.machine", "pykvm.vmm.pci.passthrough", "pykvm.vfio"])
+def test_the_run_path_does_not_import_heavy_modules(module: str):
+    code = f"import sys, {module}; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], f"importing {module} loads {loaded}"
+
+
+def test_a_dma_batch_still_brings_numpy_when_used():
+    code = "import sys; from pykvm.vfio import DmaBatch; print(DmaBatch.__module__, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["pykvm.vfio.dma_batch", "True"]
