@@ -12,7 +12,8 @@ guest's own trampoline sets their registers.
   of one thread each (leaves 1, 4, 0xB/0x1F, 0x80000008), the hypervisor bit
   (leaf 1 ECX[31]) and the KVM signature leaves (0x40000000 "KVMKVMKVM",
   0x40000001 paravirt features such as kvmclock), so Linux uses kvmclock
-  instead of calibrating the TSC against the PIT.
+  instead of calibrating the TSC against the PIT; and the host CPU's brand
+  string (0x80000002-4, which KVM leaves zero), as QEMU's ``-cpu host`` does.
 - MSRs: what firmware would leave: SYSENTER/SYSCALL targets zero, TSC 0,
   fast strings on (IA32_MISC_ENABLE), and MTRRs enabled with write-back as
   the default type (without it Linux maps all of RAM uncached: a slow boot).
@@ -22,6 +23,7 @@ guest's own trampoline sets their registers.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Dict, Iterable, List
 
@@ -38,6 +40,8 @@ LEAF_TOPOLOGY = 0xB
 LEAF_TOPOLOGY_V2 = 0x1F
 LEAF_KVM_SIGNATURE = 0x4000_0000
 LEAF_KVM_FEATURES = 0x4000_0001
+LEAF_EXT_MAX = 0x8000_0000
+LEAF_BRAND = (0x8000_0002, 0x8000_0003, 0x8000_0004)
 LEAF_EXT_ADDRESS = 0x8000_0008
 LEAF_AMD_TOPOLOGY = 0x8000_001E
 
@@ -73,8 +77,33 @@ def _bits_for(n: int) -> int:
     return max(0, (n - 1).bit_length())
 
 
-def vcpu_cpuid(supported: Iterable[CpuidEntry], apic_id: int, cpus: int, tsc_deadline: bool = False) -> List[CpuidEntry]:
-    """The CPUID table of vCPU ``apic_id`` in a ``cpus``-core, single-threaded, one-socket machine."""
+def brand_leaves(brand: str) -> List[CpuidEntry]:
+    """CPUID 0x80000002-4: ``brand`` as the processor brand string (48 bytes of ASCII in
+    EAX, EBX, ECX, EDX of each leaf, NUL-terminated, at most 47 characters)."""
+    raw = brand.encode("ascii", "replace")[:47].ljust(48, b"\0")
+    return [CpuidEntry(fn, 0, 0, *struct.unpack_from("<IIII", raw, 16 * i)) for i, fn in enumerate(LEAF_BRAND)]
+
+
+@functools.lru_cache(maxsize=1)
+def host_cpu_brand(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU's brand string (/proc/cpuinfo's "model name"), or "" when there is none."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def vcpu_cpuid(supported: Iterable[CpuidEntry], apic_id: int, cpus: int, tsc_deadline: bool = False,
+               brand: str = "") -> List[CpuidEntry]:
+    """The CPUID table of vCPU ``apic_id`` in a ``cpus``-core, single-threaded, one-socket
+    machine; ``brand`` (if any) replaces the brand string leaves."""
+    supported = list(supported)
+    max_ext = next((e.eax for e in supported if e.function == LEAF_EXT_MAX), 0)
+    brand = brand if max_ext >= LEAF_BRAND[-1] else ""  # a CPU without the leaves keeps none
     out: List[CpuidEntry] = []
     topology_leaves = set()
     for src in supported:
@@ -98,6 +127,8 @@ def vcpu_cpuid(supported: Iterable[CpuidEntry], apic_id: int, cpus: int, tsc_dea
             e.eax, e.ebx, e.ecx = apic_id, apic_id & 0xFF, 0  # one thread per core, node 0
         elif fn == LEAF_KVM_SIGNATURE:
             continue  # rebuilt below
+        elif fn in LEAF_BRAND and brand:
+            continue  # rebuilt below
         out.append(e)
     for fn in sorted(topology_leaves):
         out += _topology(fn, apic_id, cpus)
@@ -105,6 +136,8 @@ def vcpu_cpuid(supported: Iterable[CpuidEntry], apic_id: int, cpus: int, tsc_dea
     out.append(CpuidEntry(LEAF_KVM_SIGNATURE, 0, 0, LEAF_KVM_FEATURES, *signature))
     if not any(e.function == LEAF_KVM_FEATURES for e in out):
         out.append(CpuidEntry(LEAF_KVM_FEATURES))
+    if brand:
+        out += brand_leaves(brand)
     return out
 
 
@@ -134,7 +167,7 @@ def boot_msrs(available: Iterable[int]) -> Dict[int, int]:
 def configure_vcpu(vcpu: Vcpu, kvm: Kvm, supported: List[CpuidEntry], cpus: int) -> None:
     """CPUID, MSRs, FPU and LAPIC LINT0/1 of one vCPU (BSP or AP); its id is its APIC ID."""
     tsc_deadline = bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER))
-    vcpu.set_cpuid2(vcpu_cpuid(supported, vcpu.id, cpus, tsc_deadline))
+    vcpu.set_cpuid2(vcpu_cpuid(supported, vcpu.id, cpus, tsc_deadline, host_cpu_brand()))
     vcpu.set_msrs(boot_msrs(kvm.msr_index_list()))
     fpu = vcpu.get_fpu()
     fpu.fcw = FPU_FCW_INIT

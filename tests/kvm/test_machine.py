@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pykvm.vmm.console import BufferConsole
+from pykvm.vmm.cpu import LEAF_BRAND, host_cpu_brand
 from pykvm.vmm.machine import ExitReason, Machine, MachineConfig, MachineError
 from pykvm.vmm.boot import BootError
 from pykvm.vmm.layout import LayoutError
@@ -158,6 +159,26 @@ def test_guest_starts_an_ap_with_init_sipi_and_each_cpu_sees_its_apic_id(kernel_
         m.close()
     assert con.output == b"10"  # the AP (APIC ID 1) printed first, then the BSP (0)
     assert result.reason is ExitReason.RESET
+
+
+def test_guest_reads_the_host_cpu_brand_string(kernel_file):
+    """KVM leaves CPUID 0x80000002-4 zero; pykvm fills them with the host's brand, as QEMU's
+    -cpu host does, so the guest's /proc/cpuinfo names a model."""
+    code = b""
+    for i, leaf in enumerate(LEAF_BRAND):
+        code += b"\xb8" + struct.pack("<I", leaf) + b"\x0f\xa2"  # mov eax, leaf ; cpuid
+        for j, modrm in enumerate((0x04, 0x1C, 0x0C, 0x14)):  # mov [0x8000 + 16i + 4j], eax/ebx/ecx/edx
+            code += bytes([0x89, modrm, 0x25]) + struct.pack("<I", 0x8000 + 16 * i + 4 * j)
+    m = Machine(MachineConfig(kernel=kernel_file(code + RESET + JMP_SELF), memory="16M", timeout=RUN_TIMEOUT),
+                console=BufferConsole())
+    try:
+        m.start()
+        result = m.wait(RUN_TIMEOUT)
+        brand = m.memory.read(0x8000, 48)
+    finally:
+        m.close()
+    assert result.reason is ExitReason.RESET
+    assert brand.split(b"\0")[0].decode() == host_cpu_brand()[:47] != ""
 
 
 # -- a misbehaving guest -------------------------------------------------------------

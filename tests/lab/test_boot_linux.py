@@ -18,6 +18,7 @@ import pytest
 
 from pykvm.lab.image import cache_root
 from pykvm.lab.initramfs import build_initramfs
+from pykvm.vmm.cpu import host_cpu_brand
 from pykvm.vmm.machine import DEFAULT_CMDLINE
 
 pytestmark = pytest.mark.lab
@@ -40,6 +41,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo "{marker} nproc=$(nproc)"
+grep -m1 "model name" /proc/cpuinfo
 {action}
 """
 
@@ -88,6 +90,7 @@ def check_booted(p: subprocess.CompletedProcess, cpus: int, how: str) -> None:
     detail = f"exit {p.returncode}\n--- stdout (tail) ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}"
     assert p.returncode == 0, detail
     assert f"{MARKER} nproc={cpus}" in p.stdout, detail
+    assert re.search(rf"model name\s*: {re.escape(host_cpu_brand()[:47])}\r?$", p.stdout, re.M), detail  # CPUID brand
     assert f"guest {how}" in p.stderr, detail
     assert "guest marker" in p.stderr and "exits by reason" in p.stderr, detail
     io = re.search(r"^IO\s+(\d+)\s+(\d+)\s+(\d+)\s", p.stderr, re.M)
