@@ -7,6 +7,8 @@ runs again. An NMI does not wake it; any interrupt that goes through the APIC do
 press on L1's i8042 (IRQ 1) makes QEMU re-evaluate the APIC and the CPU runs on.
 :func:`lost_wakeup` recognises the state from the monitor's text, :meth:`Monitor.press_key`
 is the wake-up, and :class:`pykvm.lab.run.Lab` applies both when L1 sits idle too long.
+The monitor's ``info`` commands show its current CPU, #0: with PYKVM_LAB_CPUS > 1 a stall
+of another CPU goes unrecognised (the lab's L1 has one CPU by default).
 """
 from __future__ import annotations
 
