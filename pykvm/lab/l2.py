@@ -9,7 +9,8 @@ prepared); on a real host it is the host's own ``/boot/vmlinuz-$(uname -r)`` wit
 - :func:`guest_kernel`: ``(bzImage, lib/modules/<release>)`` of that kernel;
 - :func:`build_guest_initramfs`: a busybox initramfs with given modules and an ``/init``;
 - :func:`vfio_bound`: a context manager that moves PCI functions to vfio-pci
-  (:func:`pykvm.host.bind.bind`) and gives them back (:func:`~pykvm.host.bind.restore`);
+  (:func:`pykvm.host.bind.bind`), waits for their groups' /dev/vfio nodes
+  (:func:`await_group_node`) and gives them back (:func:`~pykvm.host.bind.restore`);
 - :func:`run_guest`: ``python3 -m pykvm run ...`` in a subprocess with a deadline,
   streaming the guest console line by line; returns status, console and pykvm's log
   (:func:`run_streaming` does the same for any VMM, e.g. QEMU in the benches).
@@ -90,11 +91,23 @@ def driver_of(bdf: str) -> Optional[str]:
     return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
+def await_group_node(bdf: str, timeout: float = 10.0) -> Path:
+    """``/dev/vfio/<group>`` of ``bdf``, once it exists: vfio-pci creates it when it binds,
+    and it may show up a moment later (udev); opening the group before that fails."""
+    node = Path("/dev/vfio") / os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
+    deadline = time.monotonic() + timeout
+    while not node.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{node} did not appear within {timeout:g} s of binding {bdf} to vfio-pci")
+        time.sleep(0.05)
+    return node
+
+
 @contextlib.contextmanager
 def vfio_bound(bdfs: Sequence[str], state_dir: Optional[str] = None) -> Iterator[List[str]]:
-    """Move each of ``bdfs`` to vfio-pci for the ``with`` body, then back to the driver it
-    had (the state dir remembers which; a private temporary one by default). A device
-    already on vfio-pci stays there."""
+    """Move each of ``bdfs`` to vfio-pci for the ``with`` body (each group's /dev/vfio node
+    present), then back to the driver it had (the state dir remembers which; a private
+    temporary one by default). A device already on vfio-pci stays there."""
     from pykvm.host.bind import bind, restore
     from pykvm.host.sysfs import Root
 
@@ -108,6 +121,7 @@ def vfio_bound(bdfs: Sequence[str], state_dir: Optional[str] = None) -> Iterator
                 result = bind(root, bdf, state_dir=state_dir)
                 if any(c.before != c.after for c in result.changes):
                     moved.append(bdf)
+                await_group_node(bdf)
             yield list(bdfs)
         finally:
             for bdf in reversed(moved):

@@ -12,9 +12,9 @@ import time
 import pytest
 
 from pykvm.lab import EDU_BDF
+from pykvm.lab.l2 import vfio_bound
 from pykvm.vfio import Container, Group, lib
 from tests.conftest import open_fds
-from tests.lab.support import bound_to_vfio
 
 ID, LIVENESS, IRQ_STATUS, IRQ_RAISE, IRQ_ACK = 0x00, 0x04, 0x24, 0x60, 0x64
 DMA_SRC, DMA_DST, DMA_COUNT, DMA_CMD = 0x80, 0x88, 0x90, 0x98
@@ -27,8 +27,8 @@ PAGE = 4096
 @pytest.fixture(scope="module")
 def edu_bound(tmp_path_factory):
     """The lab's edu bound to vfio-pci for one test module, then given back."""
-    with bound_to_vfio(EDU_BDF, str(tmp_path_factory.mktemp("bind"))) as bdf:
-        yield bdf
+    with vfio_bound([EDU_BDF], str(tmp_path_factory.mktemp("bind"))):
+        yield EDU_BDF
 
 
 class Edu:

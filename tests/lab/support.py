@@ -1,13 +1,10 @@
 """Small helpers shared by the lab tests."""
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> bool:
@@ -26,17 +23,3 @@ def host(*args: str) -> subprocess.CompletedProcess:
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
-
-@contextlib.contextmanager
-def bound_to_vfio(bdf: str, state_dir: str) -> Iterator[str]:
-    """``bdf`` on vfio-pci, its /dev/vfio/N present, for the block; then back on its driver."""
-    from pykvm.host.bind import bind, restore
-    from pykvm.host.sysfs import Root
-
-    bind(Root(), bdf, state_dir=state_dir)
-    try:
-        group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
-        assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists(), timeout=10), f"/dev/vfio/{group} did not appear"
-        yield bdf
-    finally:
-        restore(Root(), bdf, state_dir=state_dir)

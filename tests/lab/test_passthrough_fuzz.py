@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pykvm.lab import EDU_BDF, NVME_BDF
+from pykvm.lab.l2 import vfio_bound
 from pykvm.memory import GuestMemory
 from pykvm.vmm.bus import Bus
 from pykvm.vmm.pci.allocator import BarAllocator
@@ -44,15 +45,8 @@ def config_writes(caps):
 @pytest.fixture(scope="module")
 def on_vfio(tmp_path_factory):
     """Both devices on vfio-pci for this module, given back at its end."""
-    from pykvm.host.bind import bind, restore
-    from pykvm.host.sysfs import Root
-
-    state = str(tmp_path_factory.mktemp("bind"))
-    for bdf in (EDU_BDF, NVME_BDF):
-        bind(Root(), bdf, state_dir=state)
-    yield
-    for bdf in (EDU_BDF, NVME_BDF):
-        restore(Root(), bdf, state_dir=state)
+    with vfio_bound([EDU_BDF, NVME_BDF], str(tmp_path_factory.mktemp("bind"))):
+        yield
 
 
 def run_garbage(kvm, bdf, data, msix_writes=()):

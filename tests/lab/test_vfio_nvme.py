@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pykvm.lab import NVME_BDF, NVME_SERIAL
+from pykvm.lab.l2 import vfio_bound
 from pykvm.vfio import Container, EventFd, Group, VfioError, lib
-from tests.lab.support import bound_to_vfio
 
 pytestmark = pytest.mark.lab
 
@@ -26,8 +26,8 @@ CC_IOSQES_64B, CC_IOCQES_16B = 6 << 16, 4 << 20
 
 @pytest.fixture(scope="module")
 def nvme_bound(tmp_path_factory):
-    with bound_to_vfio(NVME_BDF, str(tmp_path_factory.mktemp("bind"))) as bdf:
-        yield bdf
+    with vfio_bound([NVME_BDF], str(tmp_path_factory.mktemp("bind"))):
+        yield NVME_BDF
 
 
 @pytest.fixture
