@@ -175,7 +175,9 @@ def reprobe_nvme(bdf: str, domain: Optional[str] = None, poll_queues: Optional[i
     (identity, DMA, DMA-FQ) and/or nvme's ``poll_queues``, bind it again: the kernel takes a
     domain change only while no driver is bound, and nvme sizes its queues when it probes.
     Returns the (domain, poll_queues) it had."""
-    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
+    from pykvm.vfio.group import group_of_device
+
+    group = group_of_device(bdf)
     type_file = Path(f"/sys/kernel/iommu_groups/{group}/type")
     before = type_file.read_text().strip(), int(Path(POLL_QUEUES).read_text())
     Path("/sys/bus/pci/drivers/nvme/unbind").write_text(bdf)

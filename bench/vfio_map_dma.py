@@ -126,17 +126,15 @@ def pykvm_run(group_number: int, size: int, n: int) -> dict:
 
 
 def measure(args) -> dict:
-    from pykvm.host.bind import bind, restore
-    from pykvm.host.sysfs import Root
     from pykvm.lab import EDU_BDF
+    from pykvm.lab.l2 import vfio_bound
+    from pykvm.vfio.group import group_of_device
 
-    state = "/tmp/pykvm-bench-bind"
-    bind(Root(), EDU_BDF, state_dir=state)
-    try:
+    with vfio_bound([EDU_BDF]):
         samples = {f"{kind} {label}": [] for label in SIZES for kind in VARIANTS}
         with temp_dir() as tmp:
             binary = compile_c("c/vfio_map_dma.c", tmp)
-            group_number = int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{EDU_BDF}/iommu_group")))
+            group_number = group_of_device(EDU_BDF)
             for round_ in range(args.rounds):
                 for label, size in SIZES.items():
                     n = args.iterations if size == 4096 else max(1, args.iterations // 4)
@@ -149,8 +147,6 @@ def measure(args) -> dict:
                         else:
                             for variant, ns in pykvm_run(group_number, size, n).items():
                                 samples[f"{variant} {label}"].append(ns)
-    finally:
-        restore(Root(), EDU_BDF, state_dir=state)
     return samples
 
 

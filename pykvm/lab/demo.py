@@ -233,8 +233,9 @@ def story(say: Say = print, bdf: str = NVME_BDF) -> DemoResult:
     bind, boot the guest (console streamed to ``say``), print pykvm's report, give the
     controller back and read the guest's pattern with L1's driver."""
     from pykvm.lab.l2 import build_guest_initramfs, driver_of, guest_kernel, run_guest, vfio_bound
+    from pykvm.vfio.group import group_of_device
 
-    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
+    group = group_of_device(bdf)
     _banner(say, f"L1: Linux {os.uname().release}; NVMe controller {bdf} on driver {driver_of(bdf)}, IOMMU group {group}")
     kernel, modules = guest_kernel()
     pattern = make_pattern(f"demo {time.strftime('%H:%M:%S')} pid {os.getpid()}")

@@ -94,7 +94,9 @@ def driver_of(bdf: str) -> Optional[str]:
 def await_group_node(bdf: str, timeout: float = 10.0) -> Path:
     """``/dev/vfio/<group>`` of ``bdf``, once it exists: vfio-pci creates it when it binds,
     and it may show up a moment later (udev); opening the group before that fails."""
-    node = Path("/dev/vfio") / os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
+    from pykvm.vfio.group import group_of_device
+
+    node = Path("/dev/vfio") / str(group_of_device(bdf))
     deadline = time.monotonic() + timeout
     while not node.exists():
         if time.monotonic() > deadline:
