@@ -14,16 +14,12 @@ from pathlib import Path
 import pytest
 
 from pykvm.lab import EDU_BDF, EDU_ID, NVME_BDF, NVME_ID
+from pykvm.lab.l2 import driver_of
 from tests.lab.support import host, wait_for
 
 pytestmark = pytest.mark.lab
 
 PCI = Path("/sys/bus/pci/devices")
-
-
-def driver(bdf: str) -> str | None:
-    link = PCI / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
 def test_check_passes_the_iommu_and_vfio_items():
@@ -69,14 +65,14 @@ def test_show_parses_the_real_config_space():
 
 
 def test_bind_moves_nvme_to_vfio_and_restore_gives_it_back(tmp_path):
-    assert driver(NVME_BDF) == "nvme" and wait_for(lambda: Path("/dev/nvme0n1").exists())
+    assert driver_of(NVME_BDF) == "nvme" and wait_for(lambda: Path("/dev/nvme0n1").exists())
     group = os.path.basename(os.readlink(PCI / NVME_BDF / "iommu_group"))
     state = tmp_path / "state"
     proc = host("bind", NVME_BDF, "--state-dir", str(state))
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"{NVME_BDF}: nvme -> vfio-pci" in proc.stdout
-        assert driver(NVME_BDF) == "vfio-pci"
+        assert driver_of(NVME_BDF) == "vfio-pci"
         assert wait_for(lambda: Path(f"/dev/vfio/{group}").exists()), f"/dev/vfio/{group} did not appear"
         assert json.loads((state / f"{NVME_BDF}.json").read_text())["driver"] == "nvme"
         assert not Path("/dev/nvme0n1").exists()
@@ -96,22 +92,22 @@ def test_bind_moves_nvme_to_vfio_and_restore_gives_it_back(tmp_path):
         restored = host("restore", NVME_BDF, "--state-dir", str(state))
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert f"{NVME_BDF}: vfio-pci -> nvme" in restored.stdout
-    assert driver(NVME_BDF) == "nvme"
+    assert driver_of(NVME_BDF) == "nvme"
     assert (PCI / NVME_BDF / "driver_override").read_text().strip() == "(null)"
     assert wait_for(lambda: Path("/dev/nvme0n1").exists()), "/dev/nvme0n1 did not come back"
     assert not (state / f"{NVME_BDF}.json").exists()
 
 
 def test_bind_refusals_change_nothing():
-    before = driver(NVME_BDF)
+    before = driver_of(NVME_BDF)
     try:
         for args, message in [((NVME_BDF + "x",), "not a PCI address"), (("0000:00:1f.7",), "no PCI device"),
                               ((NVME_BDF, "--state-dir", "/dev/null/state"), "cannot create the state directory")]:
             proc = host("bind", *args)
             assert proc.returncode == 1 and message in proc.stderr, proc.stdout + proc.stderr
-            assert driver(NVME_BDF) == before
+            assert driver_of(NVME_BDF) == before
     finally:
-        if driver(NVME_BDF) != before:  # a wrong decision must not leak into the tests after this one
+        if driver_of(NVME_BDF) != before:  # a wrong decision must not leak into the tests after this one
             host("restore", NVME_BDF)
     assert (PCI / NVME_BDF / "driver_override").read_text().strip() == "(null)"
     proc = host("restore", NVME_BDF, "--state-dir", "/tmp/pykvm-none")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.lab import EDU_BDF, EDU_ID, NVME_BDF, nvme_sector
+from pykvm.lab.l2 import driver_of
 from pykvm.memory import GuestMemory
 from pykvm.vfio import Group
 from pykvm.vmm.bus import Bus
@@ -33,11 +34,6 @@ pytestmark = pytest.mark.lab
 PCI = Path("/sys/bus/pci/devices")
 RAM = 16 << 20
 GiB = 1 << 30
-
-
-def driver(bdf: str):
-    link = PCI / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
 
 
 def group_of(bdf: str) -> int:
@@ -57,7 +53,7 @@ class Binder:
 
         bind(self.root, bdf, state_dir=self.state_dir)
         self.bound.append(bdf)
-        assert driver(bdf) == "vfio-pci"
+        assert driver_of(bdf) == "vfio-pci"
         return bdf
 
     def restore(self, bdf: str) -> None:
@@ -249,7 +245,7 @@ def test_nvme_works_for_its_host_driver_after_passthrough(bound, machine):
     dev = open_device(machine, bound(NVME_BDF))
     dev.close()
     bound.restore(NVME_BDF)
-    assert wait_for(lambda: driver(NVME_BDF) == "nvme")
+    assert wait_for(lambda: driver_of(NVME_BDF) == "nvme")
     assert wait_for(lambda: os.path.exists("/dev/nvme0n1"))
     with open("/dev/nvme0n1", "rb") as disk:
         assert disk.read(512) == nvme_sector(0)
@@ -279,15 +275,15 @@ def test_edu_and_nvme_share_one_context(machine, bound):
 
 # -- errors: each clear, before anything is opened, nothing left behind --------------------
 def test_device_on_a_host_driver_is_refused(machine):
-    assert driver(NVME_BDF) == "nvme"
+    assert driver_of(NVME_BDF) == "nvme"
     with pytest.raises(PassthroughError) as e:
         open_device(machine, NVME_BDF)
     assert "bound to nvme" in str(e.value) and f"pykvm host bind {NVME_BDF}" in str(e.value)
-    assert driver(NVME_BDF) == "nvme" and vfio_fds() == []
+    assert driver_of(NVME_BDF) == "nvme" and vfio_fds() == []
 
 
 def test_unbound_device_and_bad_addresses_are_refused(machine):
-    assert driver(EDU_BDF) is None
+    assert driver_of(EDU_BDF) is None
     with pytest.raises(PassthroughError, match="not bound to any driver"):
         open_device(machine, EDU_BDF)
     with pytest.raises(PassthroughError, match="no PCI device 0000:00:1f.7"):
@@ -359,5 +355,5 @@ def test_memlock_below_guest_ram_is_refused(bound):
     assert "ulimit -l 65536" in proc.stdout and "limits.conf" in proc.stdout and "LimitMEMLOCK" in proc.stdout
     assert "kernel: VFIO_IOMMU_MAP_DMA: cannot pin the pages: RLIMIT_MEMLOCK too low" in proc.stdout
     assert "vfio fds left: []" in proc.stdout and "group reopened" in proc.stdout
-    assert driver(bdf) == "vfio-pci"
+    assert driver_of(bdf) == "vfio-pci"
     Group(group_of(bdf)).close()  # nothing holds the group
