@@ -6,20 +6,17 @@ timeout; its exit status and console output are what is checked.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Tuple
 
 import pytest
 
-from pykvm.lab.image import cache_root
+from pykvm.lab.image import LabUnavailable
 from pykvm.lab.initramfs import build_initramfs
+from pykvm.lab.l2 import GUEST_MEMORY, find_busybox, guest_cmdline, guest_kernel, pykvm_argv
 from pykvm.vmm.cpu import host_cpu_brand
-from pykvm.vmm.machine import DEFAULT_CMDLINE
 
 pytestmark = pytest.mark.lab
 
@@ -27,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MARKER = "PYKVM-L2-BOOTED"
 # pykvm's default command line plus quiet: every console byte is two exits (LSR poll, THR
 # write), and exits are costly in nested KVM (see DEFAULT_CMDLINE for pci=noearly and i8042.noaux).
-CMDLINE = DEFAULT_CMDLINE + " quiet"
-MEMORY = "256M"
+CMDLINE = guest_cmdline()
+MEMORY = GUEST_MEMORY
 BOOT_TIMEOUT = 240
 # Port I/O exits answered in Python during a whole quiet boot. Each costs ~130-320 us in nested
 # KVM; a quiet boot takes ~500 (PCI config, CMOS, i8042, UART setup, the marker line). A device
@@ -48,28 +45,25 @@ grep -m1 "model name" /proc/cpuinfo
 
 def lab_kernel() -> Tuple[Path, Path]:
     """(bzImage, modules dir) of the kernel L1 runs: the lab's Debian kernel, from its
-    (read-only, in L1) cache; L2 boots the same image."""
-    release = os.uname().release
-    tree = cache_root() / release / "kernel"
-    kernel, modules = tree / "boot" / f"vmlinuz-{release}", tree / "lib" / "modules" / release
-    if not kernel.exists():
-        pytest.skip(f"{kernel} missing: not inside the lab, or the lab cache moved")
-    return kernel, modules
+    (read-only, in L1) cache (:func:`pykvm.lab.l2.guest_kernel`); L2 boots the same image."""
+    try:
+        return guest_kernel()
+    except LabUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def l2_initramfs(path: Path, action: str = "poweroff -f") -> Path:
     """A busybox initramfs whose /init prints ``MARKER nproc=N`` and then runs ``action``."""
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.skip("no busybox (apt-get install busybox-static)")
-    build_initramfs(path, INIT.format(marker=MARKER, action=action), [], modules_dir=lab_kernel()[1], busybox=Path(busybox))
+    try:
+        busybox = find_busybox()
+    except LabUnavailable as exc:
+        pytest.skip(str(exc))
+    build_initramfs(path, INIT.format(marker=MARKER, action=action), [], modules_dir=lab_kernel()[1], busybox=busybox)
     return path
 
 
 def pykvm_run(kernel: Path, initrd: Path, cpus: int, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "pykvm", "run", "--kernel", str(kernel), "--initrd", str(initrd),
-            "--cpus", str(cpus), "--memory", MEMORY, "--cmdline", CMDLINE, "--console", "stdio",
-            "--timeout", str(timeout), "--marker", MARKER, "--stats"]
+    argv = pykvm_argv(kernel, initrd, cpus=cpus, timeout=timeout, marker=MARKER)
     return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                           timeout=timeout + 60, cwd=ROOT)
 
