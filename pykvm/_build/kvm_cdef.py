@@ -17,6 +17,7 @@ MACRO_FAMILIES = (
     "KVM_GUESTDBG_", "KVM_MEM_", "KVM_IRQCHIP_", "KVM_IRQ_ROUTING_", "KVM_IRQFD_FLAG_",
     "KVM_IOEVENTFD_FLAG_", "KVM_VCPUEVENT_", "KVM_MSR_EXIT_REASON_", "KVM_X86_DISABLE_EXITS_",
     "KVM_PIT_", "KVM_CLOCK_", "KVM_DEV_VFIO_", "KVM_CREATE_DEVICE_", "KVM_EXIT_HYPERCALL_",
+    "KVM_STATS_",
 )
 _EXCLUDE = re.compile(r"^KVM_(EXIT_(IO|HYPERV|XEN|NOTIFY)_.*_OFFSET|CAP_.*_H$)")
 
@@ -33,7 +34,7 @@ KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_MSRS KVM_SET_MSRS
 KVM_GET_CPUID2 KVM_SET_CPUID2 KVM_GET_LAPIC KVM_SET_LAPIC KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS
 KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_SET_GUEST_DEBUG
 KVM_TRANSLATE KVM_NMI KVM_INTERRUPT KVM_GET_TSC_KHZ KVM_SET_TSC_KHZ KVM_SET_SIGNAL_MASK
-KVM_SET_BOOT_CPU_ID KVM_X86_SET_MSR_FILTER
+KVM_SET_BOOT_CPU_ID KVM_X86_SET_MSR_FILTER KVM_GET_STATS_FD
 """.split()
 
 CONSTANTS = """
@@ -146,6 +147,14 @@ struct kvm_clock_data { __u64 clock; __u32 flags; __u64 realtime; __u64 host_tsc
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_create_device { __u32 type; __u32 fd; __u32 flags; ...; };
 struct kvm_device_attr { __u32 flags; __u32 group; __u64 attr; __u64 addr; ...; };
+/* KVM_GET_STATS_FD: the stats fd starts with a header; each descriptor is followed by
+   header.name_size bytes of its name (the flexible ``name``), so the array's stride is
+   sizeof(struct kvm_stats_desc) + name_size. exponent is __s16 in the header (int16_t,
+   the same type: common_cdef declares no __s16). */
+struct kvm_stats_header {
+    __u32 flags; __u32 name_size; __u32 num_desc; __u32 id_offset; __u32 desc_offset; __u32 data_offset; ...;
+};
+struct kvm_stats_desc { __u32 flags; int16_t exponent; __u16 size; __u32 offset; __u32 bucket_size; char name[]; ...; };
 struct kvm_debug_exit_arch { __u32 exception; __u32 pad; __u64 pc; __u64 dr6; __u64 dr7; };
 
 struct kvm_run {

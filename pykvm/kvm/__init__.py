@@ -14,4 +14,17 @@ __all__ = [
     "MsiRoute", "MpState", "GuestDebug", "Exit", "ExitReason", "IoExit", "MmioExit", "HltExit",
     "ShutdownExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit", "DebugExit",
     "IrqWindowOpenExit", "MsrExit", "HypercallExit", "InterruptedExit", "UnknownExit",
+    "KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase",
 ]
+
+_STATS_NAMES = ("KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase")
+
+
+def __getattr__(name: str):
+    """The stats names on first use (``Vm.stats()`` imports them too): `import pykvm.kvm`,
+    and so `pykvm run`, does not load pykvm.kvm.stats."""
+    if name in _STATS_NAMES:
+        from pykvm.kvm import stats
+
+        return getattr(stats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ import mmap
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
@@ -23,6 +23,9 @@ from pykvm.kvm import exits
 from pykvm.kvm.watchdog import WATCHDOG
 from pykvm.kvm.regs import (CpuidEntry, DebugRegs, Fpu, Lapic, Regs, Sregs, VcpuEvents, Xcrs, Xsave,
                             cpuid_from_c, cpuid_to_c)
+
+if TYPE_CHECKING:
+    from pykvm.kvm.stats import KvmStats
 
 if lib.pykvm_install_kick_handler() != 0:  # pragma: no cover - sigaction cannot fail for a valid signal
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
@@ -300,6 +303,13 @@ class Vcpu(FdObject):
 
     def set_tsc_khz(self, khz: int) -> None:
         self._ioctl("KVM_SET_TSC_KHZ", khz)
+
+    def stats(self) -> "KvmStats":
+        """KVM_GET_STATS_FD: the kernel's counters for this vCPU (exits by kind, halts, page
+        faults, ...), read with pread without stopping the vCPU; this vCPU closes the fd first."""
+        from pykvm.kvm.stats import KvmStats
+
+        return KvmStats(self._ioctl("KVM_GET_STATS_FD"), self)
 
     def _release(self) -> None:
         run_c = getattr(self, "_run_c", None)

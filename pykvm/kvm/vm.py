@@ -15,6 +15,8 @@ from pykvm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
 if TYPE_CHECKING:  # numpy is imported where it is used (start-up time)
     import numpy as np
 
+    from pykvm.kvm.stats import KvmStats
+
 
 class MemFlag(enum.IntFlag):
     """KVM_MEM_* flags of a memory slot."""
@@ -326,6 +328,13 @@ class Vm(FdObject):
                                                    "flags": lib.KVM_CREATE_DEVICE_TEST if test else 0})
         self._ioctl("KVM_CREATE_DEVICE", c)
         return None if test else DeviceFd(c.fd, self, dev_type)
+
+    def stats(self) -> "KvmStats":
+        """KVM_GET_STATS_FD: the kernel's counters for this VM (TLB flushes, MMU pages, ...),
+        read with pread on a fd that this VM closes first."""
+        from pykvm.kvm.stats import KvmStats
+
+        return KvmStats(self._ioctl("KVM_GET_STATS_FD"), self)
 
     def _release(self) -> None:
         self.slots.clear()
