@@ -2,7 +2,7 @@
 
 Run inside L1 (one lab run holds both):
 
-    python3 -m pykvm lab run -- python3 bench/boot_time.py [--cpus N] [--rounds R] [--json PATH]
+    python3 -m pykvm lab run -- python3 bench/boot_time.py [--cpus N] [--rounds R] [--phases] [--json PATH]
 
 Both VMMs boot Debian's stock kernel (the lab's) with the busybox initramfs of
 tests/lab/test_boot_linux.py, whose /init prints a marker and powers off. The
@@ -20,6 +20,12 @@ read-only in L1, so without a cache every run would compile pykvm from source.
 "pykvm run (no bytecode)" is that cold case (PYTHONDONTWRITEBYTECODE, no prefix).
 For pykvm the report also gives the median time from process start to the first
 vCPU entry (its --stats), i.e. how the time splits into VMM start-up and guest.
+
+``--phases`` splits every variant's time the same way from L1's own trace of KVM exits
+(:mod:`pykvm.lab.ktrace`): from starting the process to the guest's first exit (VMM
+start-up), then the guest in firmware (RIP below 1 MiB), in the bzImage decompressor
+(other physical RIPs) and in the kernel until the marker, each with the part L1 spent
+handling exits (in its kernel or the VMM) rather than running the guest.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from common import ROOT, median, parser, report, temp_dir  # puts the checkout on sys.path
 
@@ -40,9 +46,11 @@ from tests.lab.test_boot_linux import CMDLINE, MARKER, MEMORY, l2_initramfs, lab
 TIMEOUT = 300.0
 
 
-def time_to_marker(argv: List[str], env: Optional[Dict[str, str]] = None, stderr_path: Optional[str] = None) -> float:
-    """Seconds from starting ``argv`` to ``MARKER`` on its stdout; the process is then left to
-    power off (and killed if it does not within 60 s). Its stderr goes to ``stderr_path``."""
+def time_to_marker(argv: List[str], env: Optional[Dict[str, str]] = None, stderr_path: Optional[str] = None,
+                   on_marker: Callable[[], None] = lambda: None) -> float:
+    """Seconds from starting ``argv`` to ``MARKER`` on its stdout (``on_marker`` is called then);
+    the process is then left to power off (and killed if it does not within 60 s). Its stderr
+    goes to ``stderr_path``."""
     t0 = time.monotonic()
     err = open(stderr_path, "wb") if stderr_path else None
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
@@ -54,6 +62,7 @@ def time_to_marker(argv: List[str], env: Optional[Dict[str, str]] = None, stderr
         for line in proc.stdout:
             if not found and MARKER.encode() in line:
                 found.append(time.monotonic() - t0)
+                on_marker()
                 seen.set()
             tail[:] = (tail + [line])[-20:]
 
@@ -99,10 +108,39 @@ def cold_bytecode_env() -> Dict[str, str]:
     return env
 
 
+PHASES = ("firmware", "decompressor", "kernel")
+
+
+def traced_time_to_marker(argv: List[str], env: Optional[Dict[str, str]], stderr_path: str) -> Tuple[float, Dict[str, float]]:
+    """:func:`time_to_marker` under L1's exit trace: the time and the phases (seconds): ``start-up``
+    (to the guest's first exit), each of :data:`PHASES` (wall) and ``L1 handling`` (all phases)."""
+    from pykvm.lab.ktrace import ExitTrace, boot_phase, summarize
+
+    with ExitTrace() as trace:
+        seconds = time_to_marker(argv, env, stderr_path, on_marker=lambda: trace.mark("marker"))
+    if trace.overflowed:
+        print("bench: the trace buffer overflowed: phases are incomplete", file=sys.stderr)
+    summary = summarize(trace.events(), classify=boot_phase, until="marker")
+    totals = summary.by_name()
+    phases = {"start-up": summary.first_exit or 0.0}
+    phases.update({name: totals[name].wall if name in totals else 0.0 for name in PHASES})
+    phases["L1 handling"] = sum(w.handling for w in totals.values())
+    return seconds, phases
+
+
+def print_phases(phases: Dict[str, List[Dict[str, float]]]) -> None:
+    columns = ["start-up", *PHASES, "L1 handling"]
+    print("Phases (median seconds; from L1's kvm_exit trace; L1 handling is part of the phases):")
+    print(f"  {'':<28}" + "".join(f"{c:>14}" for c in columns))
+    for name, runs in phases.items():
+        print(f"  {name:<28}" + "".join(f"{median([r[c] for r in runs]):>14.2f}" for c in columns))
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--cpus", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--phases", action="store_true", help="split each run into phases from L1's KVM exit trace (root)")
     args = p.parse_args()
     if not os.path.exists("/dev/kvm"):
         raise SystemExit("bench: no /dev/kvm: run inside the lab (python3 -m pykvm lab run -- python3 bench/boot_time.py)")
@@ -129,10 +167,16 @@ def main() -> None:
         }
         times: Dict[str, List[float]] = {name: [] for name in variants}
         entries: Dict[str, List[float]] = {}
+        phases: Dict[str, List[Dict[str, float]]] = {name: [] for name in variants}
         stderr_path = os.path.join(tmp, "stderr")
         for r in range(args.rounds):
             for name, (argv, env) in variants.items():
-                times[name].append(time_to_marker(argv, env, stderr_path))
+                if args.phases:
+                    seconds, split = traced_time_to_marker(argv, env, stderr_path)
+                    phases[name].append(split)
+                else:
+                    seconds = time_to_marker(argv, env, stderr_path)
+                times[name].append(seconds)
                 entry = first_entry(stderr_path) if name.startswith("pykvm") else None
                 if entry is not None:
                     entries.setdefault(name, []).append(entry)
@@ -142,10 +186,13 @@ def main() -> None:
     for name, es in entries.items():
         print(f"{name}: median start-up to first vCPU entry {median(es):.2f} s, "
               f"then {results[name] - median(es):.2f} s to the marker")
+    if args.phases:
+        print_phases(phases)
     report(f"Boot to the guest marker in L2 (Debian {os.uname().release}, {MEMORY}, {args.cpus} vCPU, "
            f"median of {args.rounds}; load {os.getloadavg()[0]:.2f})",
            "qemu -accel kvm -cpu host", results, "s", {"pykvm run": 1.0},
-           extra={"rounds": times, "first_vcpu_entry": entries, "cmdline": CMDLINE}, json_path=args.json)
+           extra={"rounds": times, "first_vcpu_entry": entries, "phases": phases if args.phases else None,
+                  "cmdline": CMDLINE}, json_path=args.json)
 
 
 if __name__ == "__main__":
