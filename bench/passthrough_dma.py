@@ -45,6 +45,7 @@ Needs the lab (boots it when there is no /dev/vfio here). ``--json PATH`` lands 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -110,14 +111,18 @@ def kvm_counters() -> Dict[str, int]:
 
 class Windows:
     """Samples KVM's counters when the guest prints ``BEGIN tag`` and ``END tag`` (called
-    from the console reader), one window per tag (a mode, or the idle window)."""
+    from the console reader), one window per tag (a mode, or the idle window); and marks
+    ``trace`` (an ExitTrace, with --trace) there."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace=None) -> None:
         self.begin: Dict[str, Dict[str, int]] = {}
         self.end: Dict[str, Dict[str, int]] = {}
+        self.trace = trace
 
     def __call__(self, line: str) -> None:
         word, _, tag = line.strip().partition(" ")
+        if self.trace is not None and word in (BEGIN, END):
+            self.trace.mark(f"{word} {tag}")
         if word == BEGIN:
             self.begin[tag] = kvm_counters()
         elif word == END:
@@ -213,6 +218,20 @@ def guest_result(run, windows: Windows, name: str, modes: List[str], reps: int) 
     return done, failed
 
 
+def traced_windows(trace, modes: List[str]) -> Dict[str, dict]:
+    """Per mode (and the idle window), from L1's exit trace of one guest run: the guest's running
+    time, L1's handling time and the reasons that cost most (reason, count, seconds)."""
+    from pykvm.lab.ktrace import summarize
+
+    windows = summarize(trace.events()).by_name()
+    out = {}
+    for tag in (IDLE, *modes):
+        w = windows.get(f"{BEGIN} {tag}")
+        if w is not None:
+            out[tag] = {"wall": w.wall, "running": w.running, "handling": w.handling, "top": w.top(6)}
+    return out
+
+
 def qemu_argv(kernel: Path, initrd: Path, bdf: str, cmdline: str) -> List[str]:
     return [shutil.which("qemu-system-x86_64") or "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host",
             "-M", "pc", "-m", "256M", "-smp", "1", "-nodefaults", "-display", "none", "-serial", "stdio",
@@ -235,6 +254,7 @@ def measure(args) -> dict:
 
 def measure_modes(args, modes: List[str]) -> dict:
     from pykvm.lab import NVME_BDF
+    from pykvm.lab.ktrace import ExitTrace
     from pykvm.lab.l2 import build_guest_initramfs, guest_cmdline, guest_kernel, run_guest, run_streaming, vfio_bound
 
     poll_queues = 1 if any(m.startswith("poll") for m in modes) else 0
@@ -271,17 +291,24 @@ def measure_modes(args, modes: List[str]) -> dict:
                           f"L1 with a DMA domain {median_of_last(samples['L1-DMA'][mode], args.reps)} MB/s", flush=True)
                 with vfio_bound([NVME_BDF]):
                     for name in (("pykvm", "QEMU") if round_ % 2 == 0 else ("QEMU", "pykvm")):
-                        seen = Windows()
-                        if name == "pykvm":
-                            run = run_guest(kernel, initrd, vfio=[NVME_BDF], timeout=600, stream=seen)
-                            stats_tables.append(run.log)
-                        else:
-                            run = run_streaming(qemu_argv(kernel, initrd, NVME_BDF, guest_cmdline()), 660, seen)
+                        with (ExitTrace() if args.trace else contextlib.nullcontext()) as trace:
+                            seen = Windows(trace)
+                            if name == "pykvm":
+                                run = run_guest(kernel, initrd, vfio=[NVME_BDF], timeout=600, stream=seen)
+                                stats_tables.append(run.log)
+                            else:
+                                run = run_streaming(qemu_argv(kernel, initrd, NVME_BDF, guest_cmdline()), 660, seen)
                         done, failed = guest_result(run, seen, name, modes, args.reps)
+                        traced = traced_windows(trace, modes) if trace is not None else {}
+                        for tag, t in traced.items():
+                            print(f"round {round_ + 1} {tag}: {name} L1 trace: wall {t['wall']:.2f} s, guest running "
+                                  f"{t['running']:.2f} s, L1 handling {t['handling']:.2f} s: "
+                                  + ", ".join(f"{r} {n} ({sec:.3f} s)" for r, n, sec in t["top"]), flush=True)
                         for mode, text in failed.items():
                             print(f"round {round_ + 1} {mode}: {name}'s reads did not finish:\n{text}", flush=True)
                             failures.append({"round": round_ + 1, "variant": name, "mode": mode, "console": text})
                         for mode, got in done.items():
+                            got["trace"] = traced.get(mode)
                             samples[name][mode] += got.pop("mbps")
                             windows[name][mode].append(got)
                             print(f"round {round_ + 1} {mode}: {name} {median_of_last(samples[name][mode], args.reps)} MB/s, "
@@ -351,7 +378,8 @@ def summarize(measured: dict, args) -> dict:
 def in_lab(args) -> int:
     """Run this script inside L1 and bring its JSON back."""
     return rerun_in_lab(__file__, ["--bs", str(args.bs), "--reps", str(args.reps), "--rounds", str(args.rounds),
-                                   "--modes", ",".join(args.modes), *(["--l1-thp", args.l1_thp] if args.l1_thp else [])], "passthrough_dma.json", args.json, timeout=2400)
+                                   "--modes", ",".join(args.modes), *(["--l1-thp", args.l1_thp] if args.l1_thp else []),
+                                   *(["--trace"] if args.trace else [])], "passthrough_dma.json", args.json, timeout=2400)
 
 
 def mode_list(text: str) -> List[str]:
@@ -373,6 +401,9 @@ def main() -> int:
     p.add_argument("--l1-thp", choices=("always", "madvise", "never"),
                    help="L1's transparent huge pages for the whole run (default: leave as booted, always); "
                         "never puts the guests' RAM on 4 KiB pages: in the IOMMU and in KVM's nested page tables")
+    p.add_argument("--trace", action="store_true",
+                   help="also trace L1's KVM exits during each guest's read windows: guest running vs L1 handling "
+                        "time and the costliest exit reasons (pykvm.lab.ktrace)")
     args = p.parse_args()
     if os.environ.get("PYKVM_IN_LAB") != "1":
         return in_lab(args)
