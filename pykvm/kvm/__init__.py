@@ -1,5 +1,4 @@
 """The /dev/kvm API: ``Kvm`` -> ``Vm`` -> ``Vcpu`` / ``DeviceFd``, one class per kernel object."""
-from pykvm.kvm.caps import Cap
 from pykvm.kvm.device import DeviceFd
 from pykvm.kvm.exits import (DebugExit, Exit, ExitReason, FailEntryExit, HltExit, HypercallExit,
                              InternalErrorExit, InterruptedExit, IoExit, IrqWindowOpenExit, MmioExit,
@@ -23,6 +22,10 @@ _STATS_NAMES = ("KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase")
 def __getattr__(name: str):
     """The stats names on first use (``Vm.stats()`` imports them too): `import pykvm.kvm`,
     and so `pykvm run`, does not load pykvm.kvm.stats."""
+    if name == "Cap":  # built on first use (pykvm.kvm.caps)
+        from pykvm.kvm import caps
+
+        return caps.Cap
     if name in _STATS_NAMES:
         from pykvm.kvm import stats
 

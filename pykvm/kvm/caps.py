@@ -1,24 +1,38 @@
-"""KVM capabilities (``KVM_CAP_*``) as an enum built from the compiled header."""
+"""KVM capabilities (``KVM_CAP_*``) as an enum built from the compiled header.
+
+``Cap`` (about 220 members) is built on first use: creating it costs more at start-up than
+everything else in this package's enums, and the VMM passes the compiled ints instead."""
 from __future__ import annotations
 
 import enum
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from pykvm._native import lib
 
-Cap = enum.IntEnum("Cap", {n[len("KVM_CAP_"):]: getattr(lib, n) for n in sorted(dir(lib)) if n.startswith("KVM_CAP_")})
-Cap.__doc__ = "KVM_CAP_* values as <linux/kvm.h> defines them (``Cap.IRQCHIP`` is KVM_CAP_IRQCHIP)."
+if TYPE_CHECKING:
+    Cap: type[enum.IntEnum]
 
-CapLike = Union[Cap, int, str]
+CapLike = Union[int, str]  # an int covers Cap members (an IntEnum)
+
+PREFIX = "KVM_CAP_"
+
+
+def __getattr__(name: str):
+    if name == "Cap":
+        cap = enum.IntEnum("Cap", {n[len(PREFIX):]: getattr(lib, n) for n in sorted(dir(lib)) if n.startswith(PREFIX)})
+        cap.__doc__ = "KVM_CAP_* values as <linux/kvm.h> defines them (``Cap.IRQCHIP`` is KVM_CAP_IRQCHIP)."
+        globals()["Cap"] = cap
+        return cap
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cap_number(cap: CapLike) -> int:
     """Accept ``Cap.IRQCHIP``, ``"IRQCHIP"``, ``"KVM_CAP_IRQCHIP"`` or a raw int."""
     if isinstance(cap, str):
         name = cap.upper()
-        name = name[len("KVM_CAP_"):] if name.startswith("KVM_CAP_") else name
-        try:
-            return int(Cap[name])
-        except KeyError:
-            raise ValueError(f"unknown capability {cap!r}") from None
+        name = name if name.startswith(PREFIX) else PREFIX + name
+        value = getattr(lib, name, None)
+        if not isinstance(value, int):
+            raise ValueError(f"unknown capability {cap!r}")
+        return value
     return int(cap)

@@ -8,7 +8,7 @@ from typing import Dict, List
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm.errors import KvmError, ioctl_error
-from pykvm.kvm.caps import Cap, CapLike, cap_number
+from pykvm.kvm.caps import CapLike, cap_number
 from pykvm.kvm.regs import CpuidEntry, cpuid_from_c
 
 KVM_PATH = "/dev/kvm"
@@ -65,17 +65,17 @@ class Kvm(FdObject):
     @property
     def nr_vcpus(self) -> int:
         """Recommended maximum vCPUs per VM (KVM_CAP_NR_VCPUS)."""
-        return self.check_extension(Cap.NR_VCPUS)
+        return self.check_extension(lib.KVM_CAP_NR_VCPUS)
 
     @property
     def max_vcpus(self) -> int:
         """Hard maximum vCPUs per VM (KVM_CAP_MAX_VCPUS)."""
-        return self.check_extension(Cap.MAX_VCPUS) or self.nr_vcpus
+        return self.check_extension(lib.KVM_CAP_MAX_VCPUS) or self.nr_vcpus
 
     @property
     def nr_memslots(self) -> int:
         """Memory slots per address space (KVM_CAP_NR_MEMSLOTS)."""
-        return self.check_extension(Cap.NR_MEMSLOTS)
+        return self.check_extension(lib.KVM_CAP_NR_MEMSLOTS)
 
     def _cpuid(self, name: str) -> List[CpuidEntry]:
         c = ffi.new("struct kvm_cpuid2 *", {"nent": _CPUID_MAX, "entries": _CPUID_MAX})
