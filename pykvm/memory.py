@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, List, Optional
 
 from pykvm._native import ffi
+from pykvm._record import record_repr
 
 if TYPE_CHECKING:  # numpy is imported where it is used: it costs ~1 s at start-up in the lab
     import numpy as np
@@ -42,21 +42,37 @@ def _host_address(mm: mmap.mmap) -> int:
     return addr
 
 
-@dataclass(eq=False)
 class MemoryRegion:
-    """``size`` bytes of host memory shown to the guest at ``gpa``."""
+    """``size`` bytes of host memory shown to the guest at ``gpa``.
 
+    Compared by identity (``is``), like any object: each region owns its mapping."""
+
+    __slots__ = ("gpa", "size", "backing", "name", "readonly", "_mm", "_view", "_fd", "host_address")
     gpa: int
     size: int
-    backing: str = "anon"
-    name: str = ""
-    readonly: bool = False
-    _mm: Optional[mmap.mmap] = field(default=None, repr=False)
-    _view: Optional[memoryview] = field(default=None, repr=False)
-    _fd: int = field(default=-1, repr=False)
-    host_address: int = field(default=0, repr=False)
+    backing: str
+    name: str
+    readonly: bool
+    _mm: Optional[mmap.mmap]
+    _view: Optional[memoryview]
+    _fd: int
+    host_address: int
 
-    def __post_init__(self) -> None:
+    _repr_fields = ("gpa", "size", "backing", "name", "readonly")
+
+    def __init__(self, gpa: int, size: int, backing: str = "anon", name: str = "", readonly: bool = False,
+                 _mm: Optional[mmap.mmap] = None, _view: Optional[memoryview] = None, _fd: int = -1,
+                 host_address: int = 0) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.backing = backing
+        self.name = name
+        self.readonly = readonly
+        self._mm = _mm
+        self._view = _view
+        self._fd = _fd
+        self.host_address = host_address
+
         align = HUGE_PAGE_SIZE if self.backing == "hugetlb" else PAGE_SIZE
         if self.size <= 0 or self.size % align or self.gpa % align or self.gpa < 0:
             raise GuestMemoryError(
@@ -92,6 +108,8 @@ class MemoryRegion:
             raise GuestMemoryError(f"unknown backing {self.backing!r} (anon, shared, memfd, hugetlb)")
         self._view = memoryview(self._mm)[offset:offset + self.size]
         self.host_address = _host_address(self._mm) + offset
+
+    __repr__ = record_repr
 
     @property
     def end(self) -> int:

@@ -13,10 +13,10 @@ what the guest wrote, so collected exits keep their values.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, List, Optional, Tuple, Type
 
 from pykvm._native import ffi, lib
+from pykvm._record import record_eq, record_repr
 
 
 def _enum(name: str, prefix: str, exclude: Tuple[str, ...] = ()) -> Type[enum.IntEnum]:
@@ -39,30 +39,53 @@ def reason_name(reason: int) -> str:
         return f"UNKNOWN({reason})"
 
 
-@dataclass
 class Exit:
-    """Base of all exits. ``reason`` is the raw KVM_EXIT_* value."""
+    """Base of all exits. ``reason`` is the raw KVM_EXIT_* value.
 
+    Exits are plain classes with ``__slots__`` and a hand-written ``__init__`` (one is
+    built for every exit that reaches Python); ``repr`` and ``==`` work as a dataclass's
+    did (pykvm._record), and an exit is not hashable."""
+
+    __slots__ = ("reason",)
     reason: int
 
     REASON: ClassVar[Optional[int]] = None
+    _repr_fields: ClassVar[Tuple[str, ...]] = ("reason",)
+    _eq_fields: ClassVar[Tuple[str, ...]] = ("reason",)
+
+    def __init__(self, reason: int) -> None:
+        self.reason = reason
+
+    __repr__ = record_repr
+    __eq__ = record_eq
 
     @property
     def name(self) -> str:
         return reason_name(self.reason)
 
 
-@dataclass
 class IoExit(Exit):
     """KVM_EXIT_IO: a port IN/OUT (or a string instruction, ``count`` > 1)."""
 
-    port: int = 0
-    size: int = 0
-    count: int = 0
-    direction: int = 0
-    data: Any = field(default=None, repr=False)  # writable buffer of size*count bytes
+    __slots__ = ("port", "size", "count", "direction", "data")
+    port: int
+    size: int
+    count: int
+    direction: int
+    data: Any  # writable buffer of size*count bytes (not in repr)
 
     REASON = lib.KVM_EXIT_IO
+    _repr_fields = ("reason", "port", "size", "count", "direction")
+    _eq_fields = _repr_fields + ("data",)
+
+    def __init__(self, reason: int, port: int = 0, size: int = 0, count: int = 0, direction: int = 0,
+                 data: Any = None) -> None:
+        self.reason = reason
+        self.port = port
+        self.size = size
+        self.count = count
+        self.direction = direction
+        self.data = data
 
     @property
     def is_in(self) -> bool:
@@ -85,16 +108,26 @@ class IoExit(Exit):
         self.data[: self.size] = (v & ((1 << (8 * self.size)) - 1)).to_bytes(self.size, "little")
 
 
-@dataclass
 class MmioExit(Exit):
     """KVM_EXIT_MMIO: an access to guest-physical memory no memslot backs."""
 
-    address: int = 0
-    length: int = 0
-    is_write: bool = False
-    data: Any = field(default=None, repr=False)  # writable buffer of ``length`` bytes
+    __slots__ = ("address", "length", "is_write", "data")
+    address: int
+    length: int
+    is_write: bool
+    data: Any  # writable buffer of ``length`` bytes (not in repr)
 
     REASON = lib.KVM_EXIT_MMIO
+    _repr_fields = ("reason", "address", "length", "is_write")
+    _eq_fields = _repr_fields + ("data",)
+
+    def __init__(self, reason: int, address: int = 0, length: int = 0, is_write: bool = False,
+                 data: Any = None) -> None:
+        self.reason = reason
+        self.address = address
+        self.length = length
+        self.is_write = is_write
+        self.data = data
 
     @property
     def value(self) -> int:
@@ -106,38 +139,50 @@ class MmioExit(Exit):
         self.data[: self.length] = (v & ((1 << (8 * self.length)) - 1)).to_bytes(self.length, "little")
 
 
-@dataclass
 class HltExit(Exit):
     """KVM_EXIT_HLT: the guest executed HLT (only without an in-kernel LAPIC)."""
 
+    __slots__ = ()
     REASON = lib.KVM_EXIT_HLT
 
 
-@dataclass
 class ShutdownExit(Exit):
     """KVM_EXIT_SHUTDOWN: triple fault (or a shutdown the CPU signalled)."""
 
+    __slots__ = ()
     REASON = lib.KVM_EXIT_SHUTDOWN
 
 
-@dataclass
 class FailEntryExit(Exit):
     """KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest."""
 
-    hardware_entry_failure_reason: int = 0
-    cpu: int = 0
+    __slots__ = ("hardware_entry_failure_reason", "cpu")
+    hardware_entry_failure_reason: int
+    cpu: int
 
     REASON = lib.KVM_EXIT_FAIL_ENTRY
+    _repr_fields = _eq_fields = ("reason", "hardware_entry_failure_reason", "cpu")
+
+    def __init__(self, reason: int, hardware_entry_failure_reason: int = 0, cpu: int = 0) -> None:
+        self.reason = reason
+        self.hardware_entry_failure_reason = hardware_entry_failure_reason
+        self.cpu = cpu
 
 
-@dataclass
 class InternalErrorExit(Exit):
     """KVM_EXIT_INTERNAL_ERROR: KVM could not handle something (e.g. emulation failed)."""
 
-    suberror: int = 0
-    data: List[int] = field(default_factory=list)
+    __slots__ = ("suberror", "data")
+    suberror: int
+    data: List[int]
 
     REASON = lib.KVM_EXIT_INTERNAL_ERROR
+    _repr_fields = _eq_fields = ("reason", "suberror", "data")
+
+    def __init__(self, reason: int, suberror: int = 0, data: Optional[List[int]] = None) -> None:
+        self.reason = reason
+        self.suberror = suberror
+        self.data = [] if data is None else data
 
     @property
     def suberror_name(self) -> str:
@@ -147,14 +192,20 @@ class InternalErrorExit(Exit):
             return f"UNKNOWN({self.suberror})"
 
 
-@dataclass
 class SystemEventExit(Exit):
     """KVM_EXIT_SYSTEM_EVENT: shutdown, reset or crash requested (e.g. PSCI, Hyper-V)."""
 
-    type: int = 0
-    data: List[int] = field(default_factory=list)
+    __slots__ = ("type", "data")
+    type: int
+    data: List[int]
 
     REASON = lib.KVM_EXIT_SYSTEM_EVENT
+    _repr_fields = _eq_fields = ("reason", "type", "data")
+
+    def __init__(self, reason: int, type: int = 0, data: Optional[List[int]] = None) -> None:
+        self.reason = reason
+        self.type = type
+        self.data = [] if data is None else data
 
     @property
     def type_name(self) -> str:
@@ -164,35 +215,51 @@ class SystemEventExit(Exit):
             return f"UNKNOWN({self.type})"
 
 
-@dataclass
 class DebugExit(Exit):
     """KVM_EXIT_DEBUG: single-step or breakpoint under KVM_SET_GUEST_DEBUG."""
 
-    exception: int = 0
-    pc: int = 0
-    dr6: int = 0
-    dr7: int = 0
+    __slots__ = ("exception", "pc", "dr6", "dr7")
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
 
     REASON = lib.KVM_EXIT_DEBUG
+    _repr_fields = _eq_fields = ("reason", "exception", "pc", "dr6", "dr7")
+
+    def __init__(self, reason: int, exception: int = 0, pc: int = 0, dr6: int = 0, dr7: int = 0) -> None:
+        self.reason = reason
+        self.exception = exception
+        self.pc = pc
+        self.dr6 = dr6
+        self.dr7 = dr7
 
 
-@dataclass
 class IrqWindowOpenExit(Exit):
     """KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now."""
 
+    __slots__ = ()
     REASON = lib.KVM_EXIT_IRQ_WINDOW_OPEN
 
 
-@dataclass
 class MsrExit(Exit):
     """KVM_EXIT_X86_RDMSR / WRMSR (after KVM_CAP_X86_USER_SPACE_MSR).
 
     For RDMSR set ``data`` (or ``error = True`` to inject #GP) before the next run.
     """
 
-    index: int = 0
-    msr_reason: int = 0
-    _run: Any = field(default=None, repr=False, compare=False)
+    __slots__ = ("index", "msr_reason", "_run")
+    index: int
+    msr_reason: int
+    _run: Any  # the kvm_run struct (not in repr or ==)
+
+    _repr_fields = _eq_fields = ("reason", "index", "msr_reason")
+
+    def __init__(self, reason: int, index: int = 0, msr_reason: int = 0, _run: Any = None) -> None:
+        self.reason = reason
+        self.index = index
+        self.msr_reason = msr_reason
+        self._run = _run
 
     @property
     def is_write(self) -> bool:
@@ -215,15 +282,22 @@ class MsrExit(Exit):
         self._run.msr.error = 1 if v else 0
 
 
-@dataclass
 class HypercallExit(Exit):
     """KVM_EXIT_HYPERCALL: a hypercall KVM forwards to userspace; set ``ret``."""
 
-    nr: int = 0
-    args: List[int] = field(default_factory=list)
-    _run: Any = field(default=None, repr=False, compare=False)
+    __slots__ = ("nr", "args", "_run")
+    nr: int
+    args: List[int]
+    _run: Any  # the kvm_run struct (not in repr or ==)
 
     REASON = lib.KVM_EXIT_HYPERCALL
+    _repr_fields = _eq_fields = ("reason", "nr", "args")
+
+    def __init__(self, reason: int, nr: int = 0, args: Optional[List[int]] = None, _run: Any = None) -> None:
+        self.reason = reason
+        self.nr = nr
+        self.args = [] if args is None else args
+        self._run = _run
 
     @property
     def ret(self) -> int:
@@ -234,18 +308,24 @@ class HypercallExit(Exit):
         self._run.hypercall.ret = v
 
 
-@dataclass
 class InterruptedExit(Exit):
     """KVM_RUN returned EINTR: a signal or ``Vcpu.kick()`` (reason is KVM_EXIT_INTR)."""
 
+    __slots__ = ()
     REASON = lib.KVM_EXIT_INTR
 
 
-@dataclass
 class UnknownExit(Exit):
     """A reason pykvm does not decode; ``hardware_exit_reason`` from kvm_run.hw."""
 
-    hardware_exit_reason: int = 0
+    __slots__ = ("hardware_exit_reason",)
+    hardware_exit_reason: int
+
+    _repr_fields = _eq_fields = ("reason", "hardware_exit_reason")
+
+    def __init__(self, reason: int, hardware_exit_reason: int = 0) -> None:
+        self.reason = reason
+        self.hardware_exit_reason = hardware_exit_reason
 
 
 def decode(run: Any, page: Any) -> Exit:

@@ -6,10 +6,10 @@ live views (``sregs.cs.base = 0``), and ``ptr`` is what the ioctl receives.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List
 
 from pykvm._native import ffi, lib
+from pykvm._record import record_eq, record_repr
 
 
 class Struct:
@@ -178,17 +178,32 @@ class ClockData(Struct):
     ctype = "struct kvm_clock_data"
 
 
-@dataclass
 class CpuidEntry:
     """One CPUID leaf/subleaf as KVM stores it (struct kvm_cpuid_entry2)."""
 
+    __slots__ = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
     function: int
-    index: int = 0
-    flags: int = 0
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, function: int, index: int = 0, flags: int = 0, eax: int = 0, ebx: int = 0, ecx: int = 0,
+                 edx: int = 0) -> None:
+        self.function = function
+        self.index = index
+        self.flags = flags
+        self.eax = eax
+        self.ebx = ebx
+        self.ecx = ecx
+        self.edx = edx
+
+    __repr__ = record_repr
+    __eq__ = record_eq
 
 
 _CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")

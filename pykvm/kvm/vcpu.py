@@ -13,8 +13,7 @@ import errno
 import mmap
 import signal
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, NamedTuple, Optional
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
@@ -42,8 +41,7 @@ class MpState(enum.IntEnum):
     SIPI_RECEIVED = lib.KVM_MP_STATE_SIPI_RECEIVED
 
 
-@dataclass(frozen=True)
-class CoalescedWrite:
+class CoalescedWrite(NamedTuple):
     """One guest write KVM queued in the coalesced MMIO/PIO ring instead of exiting."""
 
     address: int

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
+from pykvm._record import record_eq, record_hash, record_repr
 from pykvm.errors import KvmError
 from pykvm.kvm.caps import CapLike, cap_number
 from pykvm.kvm.regs import ClockData, IrqChip, PitState
@@ -31,38 +31,77 @@ class IrqChipId(enum.IntEnum):
     IOAPIC = lib.KVM_IRQCHIP_IOAPIC
 
 
-@dataclass(eq=False)
 class MemorySlot:
-    """A registered memslot. ``backing`` keeps the host memory alive while the slot exists."""
+    """A registered memslot. ``backing`` keeps the host memory alive while the slot exists.
 
+    Compared by identity (``is``), like any object."""
+
+    __slots__ = ("slot", "guest_phys_addr", "memory_size", "userspace_addr", "flags", "backing")
     slot: int
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
     flags: int
-    backing: Any = None
+    backing: Any
+
+    _repr_fields = __slots__
+
+    def __init__(self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int,
+                 backing: Any = None) -> None:
+        self.slot = slot
+        self.guest_phys_addr = guest_phys_addr
+        self.memory_size = memory_size
+        self.userspace_addr = userspace_addr
+        self.flags = flags
+        self.backing = backing
+
+    __repr__ = record_repr
 
     @property
     def pages(self) -> int:
         return (self.memory_size + PAGE_SIZE - 1) // PAGE_SIZE
 
 
-@dataclass(frozen=True)
+# The two kinds of route are plain records rather than NamedTuples: a routing table mixes
+# them, and an IrqchipRoute must never equal an MsiRoute (or a tuple) with the same numbers.
 class IrqchipRoute:
     """GSI -> pin of an in-kernel PIC/IOAPIC (KVM_IRQ_ROUTING_IRQCHIP)."""
 
+    __slots__ = ("gsi", "irqchip", "pin")
     gsi: int
     irqchip: int
     pin: int
 
+    _repr_fields = _eq_fields = __slots__
 
-@dataclass(frozen=True)
+    def __init__(self, gsi: int, irqchip: int, pin: int) -> None:
+        self.gsi = gsi
+        self.irqchip = irqchip
+        self.pin = pin
+
+    __repr__ = record_repr
+    __eq__ = record_eq
+    __hash__ = record_hash
+
+
 class MsiRoute:
     """GSI -> an MSI message (KVM_IRQ_ROUTING_MSI)."""
 
+    __slots__ = ("gsi", "address", "data")
     gsi: int
     address: int
     data: int
+
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, gsi: int, address: int, data: int) -> None:
+        self.gsi = gsi
+        self.address = address
+        self.data = data
+
+    __repr__ = record_repr
+    __eq__ = record_eq
+    __hash__ = record_hash
 
 
 Route = Union[IrqchipRoute, MsiRoute]

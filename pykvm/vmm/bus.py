@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass
 from typing import List, Optional, Protocol, Tuple
+
+from pykvm._record import record_eq, record_hash, record_repr
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +24,29 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True)
 class Range:
-    """``length`` ports or bytes from ``base``, owned by ``device``."""
+    """``length`` ports or bytes from ``base``, owned by ``device``.
 
+    Immutable once made, equal when all four fields are, hashable. Not a tuple:
+    ``addr in r`` asks whether ``r`` covers ``addr``."""
+
+    __slots__ = ("base", "length", "device", "name")
     base: int
     length: int
     device: BusDevice
     name: str
+
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, base: int, length: int, device: BusDevice, name: str) -> None:
+        self.base = base
+        self.length = length
+        self.device = device
+        self.name = name
+
+    __repr__ = record_repr
+    __eq__ = record_eq
+    __hash__ = record_hash
 
     @property
     def end(self) -> int:

@@ -17,18 +17,12 @@ Options given on the command line override the file's values.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Dict
 
-from pykvm.vmm.machine import MachineConfig, MachineError
+from pykvm.vmm.machine import CONFIG_FIELDS, MachineConfig, MachineError
 
-_FIELDS = {f.name: f for f in dataclasses.fields(MachineConfig)}
-_TYPES: Dict[str, tuple] = {
-    "kernel": (str,), "initrd": (str,), "cmdline": (str,), "memory": (str, int), "cpus": (int,),
-    "console": (str,), "stats": (bool,), "marker": (str,), "timeout": (int, float), "vfio": (list,),
-    "loop": (str,),
-}
+_TYPES: Dict[str, tuple] = {f.name: f.types for f in CONFIG_FIELDS}  # MachineConfig's fields, in order
 _PATHS = ("kernel", "initrd")
 
 
@@ -43,9 +37,9 @@ def load_config(path: str) -> Dict[str, Any]:
         raise MachineError(f"config file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise MachineError(f"config file {path!r} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - set(_FIELDS))
+    unknown = sorted(set(data) - set(_TYPES))
     if unknown:
-        raise MachineError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
+        raise MachineError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_TYPES)}")
     base = os.path.dirname(os.path.abspath(path))
     for key, value in data.items():
         types = _TYPES[key]

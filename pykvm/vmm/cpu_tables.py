@@ -11,8 +11,7 @@ differs. Nothing here touches KVM: ``cpu.py`` turns :class:`SpecialRegs` into
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 GDT_NULL = 0x00
 GDT_CODE32 = 0x08  # PVH entry: 32-bit flat code
@@ -33,8 +32,7 @@ PTE_WRITABLE = 1 << 1
 PTE_HUGE = 1 << 7  # PS: a 2 MiB page in a PD entry
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A segment register's hidden state, field for field like ``struct kvm_segment``."""
 
     base: int
@@ -65,16 +63,14 @@ class Segment:
         )
 
 
-@dataclass(frozen=True)
-class DescriptorTable:
+class DescriptorTable(NamedTuple):
     """A GDTR/IDTR value: the table's linear base and its limit (size - 1)."""
 
     base: int
     limit: int
 
 
-@dataclass(frozen=True)
-class SpecialRegs:
+class SpecialRegs(NamedTuple):
     """The initial system state of a boot vCPU (the parts of kvm_sregs that matter)."""
 
     cs: Segment

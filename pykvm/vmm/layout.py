@@ -13,8 +13,7 @@ RAM behind them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -74,8 +73,7 @@ def parse_size(size: Union[str, int]) -> int:
     return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
 
 
-@dataclass(frozen=True)
-class RamRegion:
+class RamRegion(NamedTuple):
     """A contiguous run of guest RAM: one KVM memory slot."""
 
     gpa: int
@@ -86,8 +84,7 @@ class RamRegion:
         return self.gpa + self.size
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     """One entry of the e820 memory map the zero page gives the kernel."""
 
     addr: int
@@ -99,8 +96,7 @@ class E820Entry:
         return self.addr + self.size
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """The guest-physical map for a machine with ``memory`` bytes of RAM."""
 
     memory: int

@@ -49,10 +49,10 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 from pykvm._native import lib
+from pykvm._record import record_eq, record_repr
 from pykvm.kvm import Kvm, Vcpu, Vm
 from pykvm.kvm.exits import Exit, SystemEventExit
 from pykvm.memory import GuestMemory, MemoryRegion
@@ -120,8 +120,7 @@ EXIT_STATUS = {
 }
 
 
-@dataclass(frozen=True)
-class MachineExit:
+class MachineExit(NamedTuple):
     """How a run ended: the reason, the process exit status for it, and details."""
 
     reason: ExitReason
@@ -137,21 +136,72 @@ class MachineExit:
         return f"{self.reason.value}{where}{': ' + self.detail if self.detail else ''}"
 
 
-@dataclass
-class MachineConfig:
-    """Everything ``pykvm run`` and a VM config file can say about a machine."""
+REQUIRED: Any = object()  # the default of a field that has none (the kernel)
 
+
+class ConfigField(NamedTuple):
+    """One field of :class:`MachineConfig`, as a config file may give it."""
+
+    name: str
+    types: Tuple[type, ...]  # what a config file's value may be (bool only where listed)
+    default: Any  # or REQUIRED
+
+# MachineConfig's fields in constructor order, with the value types a TOML config file may give
+# and their defaults: MachineConfig's attributes, defaults, repr and == and pykvm.vmm.config's keys
+# and type checks all come from here.
+CONFIG_FIELDS: Tuple[ConfigField, ...] = (
+    ConfigField("kernel", (str,), REQUIRED),
+    ConfigField("initrd", (str,), None),
+    ConfigField("cmdline", (str,), DEFAULT_CMDLINE),
+    ConfigField("memory", (str, int), "512M"),
+    ConfigField("cpus", (int,), 1),
+    ConfigField("console", (str,), "stdio"),  # stdio | file:PATH | none
+    ConfigField("stats", (bool,), False),
+    ConfigField("marker", (str,), None),  # console text whose first appearance is the boot marker
+    ConfigField("timeout", (int, float), None),  # seconds; the run ends with status 124 after it
+    ConfigField("vfio", (list,), ()),  # PCI devices to pass through (BDF or sysfs path); a new list each
+    ConfigField("loop", (str,), "c"),  # "c": the C run loop; "python": the pure-Python loop
+)
+_DEFAULT = {f.name: f.default for f in CONFIG_FIELDS}
+
+
+class MachineConfig:
+    """Everything ``pykvm run`` and a VM config file can say about a machine (fields: CONFIG_FIELDS)."""
+
+    __slots__ = tuple(f.name for f in CONFIG_FIELDS)
     kernel: str
-    initrd: Optional[str] = None
-    cmdline: str = DEFAULT_CMDLINE
-    memory: Union[str, int] = "512M"
-    cpus: int = 1
-    console: str = "stdio"  # stdio | file:PATH | none
-    stats: bool = False
-    marker: Optional[str] = None  # console text whose first appearance is the boot marker
-    timeout: Optional[float] = None  # seconds; the run ends with status 124 after it
-    vfio: List[str] = field(default_factory=list)  # PCI devices to pass through (BDF or sysfs path)
-    loop: str = "c"  # "c": the C run loop; "python": the pure-Python loop
+    initrd: Optional[str]
+    cmdline: str
+    memory: Union[str, int]
+    cpus: int
+    console: str
+    stats: bool
+    marker: Optional[str]
+    timeout: Optional[float]
+    vfio: List[str]
+    loop: str
+
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, kernel: str, initrd: Optional[str] = _DEFAULT["initrd"], cmdline: str = _DEFAULT["cmdline"],
+                 memory: Union[str, int] = _DEFAULT["memory"], cpus: int = _DEFAULT["cpus"],
+                 console: str = _DEFAULT["console"], stats: bool = _DEFAULT["stats"],
+                 marker: Optional[str] = _DEFAULT["marker"], timeout: Optional[float] = _DEFAULT["timeout"],
+                 vfio: Optional[List[str]] = None, loop: str = _DEFAULT["loop"]) -> None:
+        self.kernel = kernel
+        self.initrd = initrd
+        self.cmdline = cmdline
+        self.memory = memory
+        self.cpus = cpus
+        self.console = console
+        self.stats = stats
+        self.marker = marker
+        self.timeout = timeout
+        self.vfio = list(_DEFAULT["vfio"]) if vfio is None else vfio
+        self.loop = loop
+
+    __repr__ = record_repr
+    __eq__ = record_eq
 
 
 def _read_file(path: Optional[str], what: str, hint: str) -> Optional[bytes]:
@@ -449,4 +499,4 @@ class _MarkerPort:
 
 
 __all__ = ["Machine", "MachineConfig", "MachineExit", "ExitReason", "MachineError", "DEFAULT_CMDLINE",
-           "MARKER_PORT", "EXIT_STATUS"]
+           "MARKER_PORT", "EXIT_STATUS", "CONFIG_FIELDS", "ConfigField"]

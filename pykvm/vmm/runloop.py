@@ -32,10 +32,10 @@ import select
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from pykvm._native import ffi, lib
+from pykvm._record import record_eq, record_repr
 from pykvm.errors import KvmError, ioctl_error
 from pykvm.kvm import exits
 from pykvm.kvm.exits import Exit, IoExit, MmioExit
@@ -188,23 +188,37 @@ def stop_and_report(ex: Exit) -> bool:
     return True
 
 
-@dataclass
 class RunLoop:
     """What both loops share: buses, exit handlers, and the ranges C may answer."""
 
+    __slots__ = ("pio", "mmio", "handlers", "on_unhandled", "uart_flush_on_newline", "_uart")
     pio: Bus
     mmio: Bus
-    handlers: Dict[int, Handler] = field(default_factory=dict)
-    on_unhandled: Handler = stop_and_report
-    uart_flush_on_newline: bool = True
+    handlers: Dict[int, Handler]
+    on_unhandled: Handler
+    uart_flush_on_newline: bool
+    _uart: Optional[UartFastPath]  # made by fast_uart() (not in repr)
+
+    _repr_fields = ("pio", "mmio", "handlers", "on_unhandled", "uart_flush_on_newline")
+    _eq_fields = _repr_fields + ("_uart",)
+
+    def __init__(self, pio: Bus, mmio: Bus, handlers: Optional[Dict[int, Handler]] = None,
+                 on_unhandled: Handler = stop_and_report, uart_flush_on_newline: bool = True) -> None:
+        self.pio = pio
+        self.mmio = mmio
+        self.handlers = {} if handlers is None else handlers
+        self.on_unhandled = on_unhandled
+        self.uart_flush_on_newline = uart_flush_on_newline
+        self._uart = None
+
+    __repr__ = record_repr
+    __eq__ = record_eq
 
     def constant_ranges(self) -> List[Tuple[int, "object"]]:
         """(space, Range) of every ConstantDevice on the buses: these the C loop answers."""
         out = [(lib.PYKVM_RL_SPACE_PIO, r) for r in self.pio.ranges() if isinstance(r.device, ConstantDevice)]
         out += [(lib.PYKVM_RL_SPACE_MMIO, r) for r in self.mmio.ranges() if isinstance(r.device, ConstantDevice)]
         return out
-
-    _uart: Optional[UartFastPath] = field(default=None, init=False, repr=False)
 
     def fast_uart(self) -> Optional[UartFastPath]:
         """The fast path of the first PIO device that offers one (made once, shared by all loops)."""
@@ -252,24 +266,47 @@ class Status(enum.Enum):
     ERROR = "error"              # KVM_RUN failed (``error``)
 
 
-@dataclass
 class RunResult:
     """Why a run loop returned: its status, and the exit or the error that ended it."""
 
+    __slots__ = ("status", "exit", "error")
     status: Status
-    exit: Optional[Exit] = None
-    error: Optional[OSError] = None
+    exit: Optional[Exit]
+    error: Optional[OSError]
+
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, status: Status, exit: Optional[Exit] = None, error: Optional[OSError] = None) -> None:
+        self.status = status
+        self.exit = exit
+        self.error = error
+
+    __repr__ = record_repr
+    __eq__ = record_eq
 
 
-@dataclass
 class RunStats:
     """Exits and time by reason name, like ``perf kvm stat``."""
 
+    __slots__ = ("exits", "c_handled", "python_handled", "run_ns", "handle_ns")
     exits: Counter
     c_handled: Counter
     python_handled: Counter
     run_ns: Counter     # inside KVM_RUN, by the reason it ended with
     handle_ns: Counter  # in the VMM between that exit and the next entry
+
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, exits: Counter, c_handled: Counter, python_handled: Counter, run_ns: Counter,
+                 handle_ns: Counter) -> None:
+        self.exits = exits
+        self.c_handled = c_handled
+        self.python_handled = python_handled
+        self.run_ns = run_ns
+        self.handle_ns = handle_ns
+
+    __repr__ = record_repr
+    __eq__ = record_eq
 
     def table(self) -> str:
         lines = [f"{'reason':<16}{'exits':>10}{'in C':>10}{'in Py':>10}{'guest ms':>11}{'vmm ms':>10}{'vmm us/exit':>12}"]

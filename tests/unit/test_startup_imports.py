@@ -17,6 +17,19 @@ def test_the_run_path_does_not_import_heavy_modules(module: str):
     assert loaded == [], f"importing {module} loads {loaded}"
 
 
+# What @dataclass costs: the dataclasses module imports inspect (and ast, dis, tokenize...), and
+# each decorated class has its methods generated with exec(). pykvm run's own classes are
+# NamedTuples or plain classes (pykvm._record); the VFIO side still uses dataclasses.
+DATACLASSES = ("dataclasses", "inspect")
+
+
+@pytest.mark.parametrize("module", ["pykvm.vmm.cli", "pykvm.vmm.machine"])
+def test_the_run_path_does_not_import_dataclasses(module: str):
+    code = f"import sys, {module}; print(' '.join(m for m in {DATACLASSES!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], f"importing {module} loads {loaded}"
+
+
 def test_a_dma_batch_still_brings_numpy_when_used():
     code = "import sys; from pykvm.vfio import DmaBatch; print(DmaBatch.__module__, 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -11,7 +11,7 @@ fails with a message instead of a guest that never prints anything.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import BootImageError
 
@@ -28,8 +28,7 @@ XLF_KERNEL_64 = 1 << 0
 XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(NamedTuple):
     """The setup header fields a 64-bit loader uses, and the raw header bytes."""
 
     setup_sects: int
@@ -58,8 +57,7 @@ class SetupHeader:
         return (self.setup_sects + 1) * 512
 
 
-@dataclass(frozen=True)
-class BzImage:
+class BzImage(NamedTuple):
     """A parsed bzImage: its setup header and the protected-mode kernel after the setup sectors."""
 
     header: SetupHeader

@@ -9,8 +9,7 @@ protocol.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 from .errors import BootImageError
 
@@ -27,8 +26,7 @@ _PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr, 56 bytes
 _MACHINES = {3: "i386 (32-bit x86)", 40: "ARM", 183: "AArch64", 243: "RISC-V", 8: "MIPS", 21: "PowerPC64", 22: "s390"}
 
 
-@dataclass(frozen=True)
-class LoadSegment:
+class LoadSegment(NamedTuple):
     """One PT_LOAD program header: ``filesz`` bytes from ``offset`` at ``paddr``, zero-filled to ``memsz``."""
 
     paddr: int
@@ -41,8 +39,7 @@ class LoadSegment:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True)
-class ElfKernel:
+class ElfKernel(NamedTuple):
     """A parsed ELF vmlinux: its entry, load segments and PVH entry (if it has the note)."""
 
     entry: int  # e_entry: physical address of startup_64 in a vmlinux

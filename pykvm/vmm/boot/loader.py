@@ -19,8 +19,7 @@ Three ways in:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 from .. import layout as L
 from ..cpu_tables import (
@@ -37,8 +36,7 @@ ELF_CMDLINE_SIZE = 2047  # x86 COMMAND_LINE_SIZE (2048) less the NUL, for kernel
 Write = Tuple[int, Union[bytes, memoryview]]
 
 
-@dataclass(frozen=True)
-class EntryRegs:
+class EntryRegs(NamedTuple):
     """General-purpose register state at kernel entry (all others zero)."""
 
     rip: int
@@ -48,8 +46,7 @@ class EntryRegs:
     rflags: int = RFLAGS_RESERVED
 
 
-@dataclass(frozen=True)
-class BootPlan:
+class BootPlan(NamedTuple):
     """Everything a vCPU needs to start the kernel: the bytes to write into RAM, the entry and its registers."""
 
     kind: str  # "bzimage", "elf64" or "pvh"

@@ -16,9 +16,9 @@ move a BAR anywhere inside a window of its kind, never over RAM.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import List, Tuple
 
+from pykvm._record import record_eq, record_repr
 from pykvm.vmm.pci.config import BarKind, BarSpec
 
 IO_WINDOW = (0xC000, 0x10000)
@@ -28,18 +28,27 @@ class BarAllocationError(ValueError):
     """No room left for a BAR in any window that may hold it."""
 
 
-@dataclass
 class Window:
     """``[base, end)`` handed out bottom-up with first fit; ``used`` is sorted (start, end) pairs."""
 
+    __slots__ = ("name", "base", "end", "used")
     name: str
     base: int
     end: int
+    used: List[Tuple[int, int]]
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.base <= self.end:
-            raise ValueError(f"{self.name} window [{self.base:#x}, {self.end:#x}) is empty or negative")
-        self.used: List[Tuple[int, int]] = []
+    _repr_fields = _eq_fields = ("name", "base", "end")
+
+    def __init__(self, name: str, base: int, end: int) -> None:
+        self.name = name
+        self.base = base
+        self.end = end
+        if not 0 <= base <= end:
+            raise ValueError(f"{name} window [{base:#x}, {end:#x}) is empty or negative")
+        self.used = []
+
+    __repr__ = record_repr
+    __eq__ = record_eq
 
     def contains(self, address: int, size: int) -> bool:
         return self.base <= address and address + size <= self.end

@@ -19,8 +19,9 @@ to (re)map BARs. Register names follow linux/include/uapi/linux/pci_regs.h.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from pykvm._record import record_eq, record_hash, record_repr
 
 # Header registers (type 0), offsets in bytes.
 VENDOR_ID = 0x00
@@ -82,24 +83,33 @@ class BarKind(enum.Enum):
         return self is not BarKind.IO
 
 
-@dataclass(frozen=True)
 class BarSpec:
-    """What a BAR asks for: ``size`` bytes (a power of two) of one kind."""
+    """What a BAR asks for: ``size`` bytes (a power of two) of one kind. Checked when made; hashable."""
 
+    __slots__ = ("size", "kind", "prefetchable")
     size: int
     kind: BarKind
-    prefetchable: bool = False
+    prefetchable: bool
 
-    def __post_init__(self) -> None:
-        low = 4 if self.kind is BarKind.IO else 16
-        if self.size < low or self.size & (self.size - 1):
-            raise ValueError(f"BAR size {self.size:#x} must be a power of two >= {low}")
-        if self.kind is BarKind.IO and self.size > 0x10000:
-            raise ValueError(f"I/O BAR size {self.size:#x} exceeds the 64 KiB port space")
-        if self.kind is BarKind.MEM32 and self.size > 1 << 31:
-            raise ValueError(f"32-bit memory BAR size {self.size:#x} exceeds 2 GiB")
-        if self.kind is BarKind.IO and self.prefetchable:
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, size: int, kind: BarKind, prefetchable: bool = False) -> None:
+        self.size = size
+        self.kind = kind
+        self.prefetchable = prefetchable
+        low = 4 if kind is BarKind.IO else 16
+        if size < low or size & (size - 1):
+            raise ValueError(f"BAR size {size:#x} must be a power of two >= {low}")
+        if kind is BarKind.IO and size > 0x10000:
+            raise ValueError(f"I/O BAR size {size:#x} exceeds the 64 KiB port space")
+        if kind is BarKind.MEM32 and size > 1 << 31:
+            raise ValueError(f"32-bit memory BAR size {size:#x} exceeds 2 GiB")
+        if kind is BarKind.IO and prefetchable:
             raise ValueError("an I/O BAR cannot be prefetchable")
+
+    __repr__ = record_repr
+    __eq__ = record_eq
+    __hash__ = record_hash
 
     @property
     def type_bits(self) -> int:
@@ -109,14 +119,28 @@ class BarSpec:
         return (BAR_MEM_TYPE_64 if self.kind is BarKind.MEM64 else 0) | (BAR_MEM_PREFETCH if self.prefetchable else 0)
 
 
-@dataclass(frozen=True)
 class BarWindow:
-    """A BAR the function decodes now: guest ``address`` .. ``address + size``."""
+    """A BAR the function decodes now: guest ``address`` .. ``address + size``. Hashable.
 
+    (Not a NamedTuple: its ``index`` field would hide ``tuple.index``.)"""
+
+    __slots__ = ("index", "kind", "address", "size")
     index: int
     kind: BarKind
     address: int
     size: int
+
+    _repr_fields = _eq_fields = __slots__
+
+    def __init__(self, index: int, kind: BarKind, address: int, size: int) -> None:
+        self.index = index
+        self.kind = kind
+        self.address = address
+        self.size = size
+
+    __repr__ = record_repr
+    __eq__ = record_eq
+    __hash__ = record_hash
 
     @property
     def end(self) -> int:
