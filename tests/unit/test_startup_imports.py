@@ -34,3 +34,10 @@ def test_a_dma_batch_still_brings_numpy_when_used():
     code = "import sys; from pykvm.vfio import DmaBatch; print(DmaBatch.__module__, 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["pykvm.vfio.dma_batch", "True"]
+
+
+def test_the_capability_enum_is_built_on_first_use_only():
+    code = ("import sys, pykvm.vmm.cli, pykvm.vmm.machine; caps = sys.modules['pykvm.kvm.caps']; "
+            "print('Cap' in vars(caps)); from pykvm.kvm import Cap; print(Cap.USER_MEMORY.name, 'Cap' in vars(caps))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "USER_MEMORY", "True"]
