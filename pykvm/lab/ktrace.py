@@ -198,9 +198,10 @@ class ExitTrace:
     into the record (a window boundary for :func:`summarize`); ``events()`` parses the record.
     """
 
-    def __init__(self, buffer_kb: int = 32768, tracefs: Path = TRACEFS) -> None:
+    def __init__(self, buffer_kb: int = 32768, tracefs: Path = TRACEFS, extra_events: Iterable[str] = ()) -> None:
         self.tracefs = Path(tracefs)
         self.buffer_kb = buffer_kb
+        self.events_enabled = (*EVENTS, *extra_events)  # "system/event" names; extras are kept in text()
         self._text: Optional[str] = None
 
     def _write(self, name: str, value: str) -> None:
@@ -213,13 +214,13 @@ class ExitTrace:
             done = subprocess.run(["mount", "-t", "tracefs", "nodev", str(self.tracefs)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise TraceError(f"cannot mount tracefs on {self.tracefs}: {done.stderr.strip()}")
-        for event in EVENTS:
+        for event in self.events_enabled:
             if not (self.tracefs / "events" / event).exists():
                 raise TraceError(f"no {event} trace event here (is kvm loaded?)")
         self._write("tracing_on", "0")
         self._write("buffer_size_kb", str(self.buffer_kb))
         self._write("trace", "")
-        for event in EVENTS:
+        for event in self.events_enabled:
             self._write(f"events/{event}/enable", "1")
         self._write("tracing_on", "1")
         self.mark(START)
@@ -232,7 +233,7 @@ class ExitTrace:
     def __exit__(self, *exc) -> None:
         self._write("tracing_on", "0")
         self._text = (self.tracefs / "trace").read_text(errors="replace")
-        for event in EVENTS:
+        for event in self.events_enabled:
             self._write(f"events/{event}/enable", "0")
         self._write("trace", "")
 
@@ -244,8 +245,12 @@ class ExitTrace:
         m = re.search(r"entries-in-buffer/entries-written: (\d+)/(\d+)", self._text)
         return m is not None and int(m.group(1)) < int(m.group(2))
 
-    def events(self) -> List[Event]:
+    def text(self) -> str:
+        """The whole record as the trace file gave it (every enabled event)."""
         if self._text is None:
             raise TraceError("the trace is read when the `with` block ends")
-        return list(parse(self._text.splitlines()))
+        return self._text
+
+    def events(self) -> List[Event]:
+        return list(parse(self.text().splitlines()))
 
