@@ -18,6 +18,10 @@ pykvm runs with its modules byte-compiled beforehand into a private cache
 (``PYTHONPYCACHEPREFIX``), as a pip-installed package is; the checkout is
 read-only in L1, so without a cache every run would compile pykvm from source.
 "pykvm run (no bytecode)" is that cold case (PYTHONDONTWRITEBYTECODE, no prefix).
+"pykvm run (python -S)" is the byte-compiled case without ``site``'s start-up hooks (the
+same modules through PYTHONPATH): every Python start here runs the ``.pth`` hooks found
+in site-packages, among them one this sandbox adds (it imports certifi), which a user's
+machine does not have; the row shows what they cost.
 For pykvm the report also gives the median time from process start to the first
 vCPU entry (its --stats), i.e. how the time splits into VMM start-up and guest.
 
@@ -101,6 +105,14 @@ def warm_bytecode_env(cache: str) -> Dict[str, str]:
     return env
 
 
+def no_site_env(warm: Dict[str, str]) -> Dict[str, str]:
+    """``warm`` for ``python3 -S``: the same modules on ``PYTHONPATH`` (the checkout and
+    site-packages), without site's start-up hooks (``.pth`` files)."""
+    import site
+
+    return dict(warm, PYTHONPATH=os.pathsep.join([ROOT, *site.getsitepackages()]))
+
+
 def cold_bytecode_env() -> Dict[str, str]:
     """An environment whose Python compiles pykvm from source on every start."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -122,9 +134,10 @@ def traced_time_to_marker(argv: List[str], env: Optional[Dict[str, str]], stderr
         print("bench: the trace buffer overflowed: phases are incomplete", file=sys.stderr)
     summary = summarize(trace.events(), classify=boot_phase, until="marker")
     totals = summary.by_name()
-    phases = {"start-up": summary.first_exit or 0.0}
+    phases: Dict = {"start-up": summary.first_exit or 0.0}
     phases.update({name: totals[name].wall if name in totals else 0.0 for name in PHASES})
     phases["L1 handling"] = sum(w.handling for w in totals.values())
+    phases["top"] = {name: totals[name].top(5) for name in PHASES if name in totals}
     return seconds, phases
 
 
@@ -134,6 +147,10 @@ def print_phases(phases: Dict[str, List[Dict[str, float]]]) -> None:
     print(f"  {'':<28}" + "".join(f"{c:>14}" for c in columns))
     for name, runs in phases.items():
         print(f"  {name:<28}" + "".join(f"{median([r[c] for r in runs]):>14.2f}" for c in columns))
+    print("L1's costliest exits per phase, last round (reason count seconds):")
+    for name, runs in phases.items():
+        for phase, top in runs[-1]["top"].items():
+            print(f"  {name:<28}{phase:<14}" + ", ".join(f"{r} {n} {sec:.3f}" for r, n, sec in top))
 
 
 def main() -> None:
@@ -164,6 +181,7 @@ def main() -> None:
             "qemu -accel kvm (qemu64)": (qemu_argv, None),
             "pykvm run": (pykvm_argv, warm),
             "pykvm run (no bytecode)": (pykvm_argv, cold_bytecode_env()),
+            "pykvm run (python -S)": ([pykvm_argv[0], "-S", *pykvm_argv[1:]], no_site_env(warm)),
         }
         times: Dict[str, List[float]] = {name: [] for name in variants}
         entries: Dict[str, List[float]] = {}
