@@ -20,8 +20,7 @@ import errno
 import math
 import os
 import struct
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Tuple, Type, TypeVar, Union
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Type, TypeVar, Union
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
@@ -70,8 +69,7 @@ def _known(enum_type: Type[enum.IntEnum], value: int) -> Union[enum.IntEnum, int
         return value
 
 
-@dataclass(frozen=True)
-class StatDesc:
+class StatDesc(NamedTuple):
     """One statistic as its ``struct kvm_stats_desc`` describes it.
 
     ``flags`` packs type, unit and base (KVM_STATS_{TYPE,UNIT,BASE}_MASK); a value
@@ -143,8 +141,7 @@ class StatDesc:
         return None if scale is None else value * scale
 
 
-@dataclass(frozen=True)
-class StatsHeader:
+class StatsHeader(NamedTuple):
     """``struct kvm_stats_header``: where the id, descriptors and data sit in the stats fd."""
 
     flags: int

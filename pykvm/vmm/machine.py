@@ -63,6 +63,7 @@ from pykvm.vmm.console import Console, ConsoleUart, open_console
 from pykvm.vmm.devices.i8042 import I8042
 from pykvm.vmm.devices.misc import CMOS_PORT, POST_PORT, Cmos
 from pykvm.vmm.devices.serial import COM1_IRQ, COM1_PORT, REGISTER_COUNT
+from pykvm.vmm.halt_watch import HaltWatch
 from pykvm.vmm.layout import MPTABLE_ADDR, Layout, memory_layout
 from pykvm.vmm.pci.allocator import BarAllocator
 from pykvm.vmm.pci.bus import PciBus
@@ -248,6 +249,7 @@ class Machine:
         self.uart: Optional[ConsoleUart] = None
         self.loops: List[Union[CRunLoop, PyRunLoop]] = []
         self._threads: List[threading.Thread] = []
+        self._halt_watch: Optional[HaltWatch] = None  # finds halted vCPUs from KVM's stats
         self._closers: List[Callable[[], None]] = []  # devices to close before memory goes, last first
         self._exit: Optional[MachineExit] = None
         self._done = threading.Event()
@@ -397,6 +399,11 @@ class Machine:
             t = threading.Thread(target=self._vcpu_thread, args=(i,), name=f"pykvm-vcpu{i}", daemon=True)
             self._threads.append(t)
             t.start()
+        # After the vCPUs start (it loads pykvm.kvm.stats): until it exists they check on a timer.
+        watch = HaltWatch.open(self.vcpus, lambda i: self.loops[i].kick(), HALT_CHECK_INTERVAL)
+        if watch is not None:
+            watch.start()
+        self._halt_watch = watch
 
     def _vcpu_thread(self, index: int) -> None:
         loop, vcpu = self.loops[index], self.vcpus[index]
@@ -404,7 +411,8 @@ class Machine:
             self.times.mark("first vCPU entry")
         try:
             while not self._done.is_set():
-                result = loop.run_until(timeout=HALT_CHECK_INTERVAL)
+                # Without KVM's statistics (or until HaltWatch is up) the check runs on a timer.
+                result = loop.run_until(timeout=None if self._halt_watch is not None else HALT_CHECK_INTERVAL)
                 if result.status in (Status.EXIT, Status.STOPPED):
                     return
                 if result.status is Status.ERROR:
@@ -459,6 +467,8 @@ class Machine:
         for t in self._threads:
             t.join(JOIN_TIMEOUT)
         self._threads = [t for t in self._threads if t.is_alive()]
+        if self._halt_watch is not None:
+            self._halt_watch.close()
         self.console.close()
         while self._closers:
             closer = self._closers.pop()

@@ -333,3 +333,22 @@ def test_config_file_errors_name_the_key(tmp_path):
     bad.write_text('kernel = "k"\ncpus = "two"\n')
     with pytest.raises(MachineError, match="cpus must be int"):
         load_config(str(bad))
+
+
+def test_a_busy_guest_is_not_kicked_to_look_for_a_power_off(kernel_file):
+    """KVM's statistics (HaltWatch) tell a vCPU that works from one that sleeps: a guest that
+    writes a port for about a second and then halts with interrupts off gets kicked only
+    to confirm the power-off (two checks), not four times a second while it works."""
+    loop = 100_000
+    code = (b"\xb9" + struct.pack("<I", loop)  # mov ecx, loop
+            + b"\xe6\x80"                        # again: out 0x80, al (the POST port, answered in C)
+            + b"\xff\xc9"                        # dec ecx
+            + b"\x75\xfa"                        # jnz again
+            + CLI_HLT)
+    m, _ = run(kernel_file(code))
+    assert m.exit.reason is ExitReason.POWEROFF, m.exit
+    (stats,) = m.exit_stats()
+    busy = (stats.run_ns["IO"] + stats.handle_ns["IO"]) / 1e9  # in the guest and in the VMM, port by port
+    assert stats.exits["IO"] >= loop
+    assert busy > 0.75, f"the port loop took only {busy:.2f} s: too short to tell"
+    assert stats.exits.get("INTR", 0) <= 3, stats.exits  # a 4 Hz timer would have kicked ~4 per second
