@@ -17,7 +17,7 @@ import sys
 from pykvm.errors import FixableError, KvmError
 from pykvm.vmm.config import load_config, merge
 from pykvm.vmm.machine import DEFAULT_CMDLINE, Machine
-from pykvm.vmm.stats import exit_report
+from pykvm.vmm.stats import exit_report, kernel_report
 
 CONFIG_ERROR = 2
 
@@ -50,6 +50,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.stats:
         print(machine.times.table(), file=sys.stderr)
         print(exit_report(machine.exit_stats()), file=sys.stderr)
+        kernel = kernel_report(machine.kernel_stats)
+        if kernel:
+            print(kernel, file=sys.stderr)
     return result.status
 
 

@@ -71,6 +71,16 @@ class HaltWatch:
                 self._baseline[i] = exits
         return checked
 
+    def snapshot(self) -> List[dict]:
+        """Every statistic of every vCPU now (for ``--stats``); {} for a vCPU that is gone."""
+        out = []
+        for s in self.stats:
+            try:
+                out.append(s.read())
+            except PykvmError:
+                out.append({})
+        return out
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="pykvm-halt-watch", daemon=True)
         self._thread.start()

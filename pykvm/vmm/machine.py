@@ -250,6 +250,7 @@ class Machine:
         self.loops: List[Union[CRunLoop, PyRunLoop]] = []
         self._threads: List[threading.Thread] = []
         self._halt_watch: Optional[HaltWatch] = None  # finds halted vCPUs from KVM's stats
+        self.kernel_stats: List[dict] = []  # each vCPU's KVM statistics when the machine closed
         self._closers: List[Callable[[], None]] = []  # devices to close before memory goes, last first
         self._exit: Optional[MachineExit] = None
         self._done = threading.Event()
@@ -468,7 +469,9 @@ class Machine:
             t.join(JOIN_TIMEOUT)
         self._threads = [t for t in self._threads if t.is_alive()]
         if self._halt_watch is not None:
+            self.kernel_stats = self._halt_watch.snapshot()
             self._halt_watch.close()
+            self._halt_watch = None
         self.console.close()
         while self._closers:
             closer = self._closers.pop()

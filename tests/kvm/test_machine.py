@@ -352,3 +352,18 @@ def test_a_busy_guest_is_not_kicked_to_look_for_a_power_off(kernel_file):
     assert stats.exits["IO"] >= loop
     assert busy > 0.75, f"the port loop took only {busy:.2f} s: too short to tell"
     assert stats.exits.get("INTR", 0) <= 3, stats.exits  # a 4 Hz timer would have kicked ~4 per second
+
+
+def test_stats_show_what_kvm_counted_in_the_kernel(kernel_file, tmp_path):
+    """`pykvm run --stats` adds KVM's own counters (KVM_GET_STATS_FD): every exit the kernel
+    saw, here at least the guest's port writes (answered in pykvm's C loop) and the halt."""
+    writes = 50
+    kernel = kernel_file(b"".join(b"\xe6\x80" for _ in range(writes)) + CLI_HLT)  # out 0x80, al
+    m, _ = run(kernel)
+    (kstats,) = m.kernel_stats
+    assert kstats["exits"] >= writes
+    proc = subprocess.run([sys.executable, "-m", "pykvm", "run", "--kernel", kernel, "--memory", "16M",
+                           "--console", "none", "--stats", "--timeout", "20"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stderr.splitlines() if l.startswith("in KVM"))
+    assert int(line.split("VM exits ")[1].split(",")[0]) >= writes, line
