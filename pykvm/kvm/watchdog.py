@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import threading
 import time
 from typing import Callable, Dict, List, Tuple
 
-log = logging.getLogger(__name__)
+from pykvm._log import get_logger
+
+log = get_logger(__name__)
 
 
 class Watchdog:

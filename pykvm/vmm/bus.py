@@ -10,12 +10,12 @@ guest can never take down the vCPU thread.
 from __future__ import annotations
 
 import bisect
-import logging
 from typing import List, Optional, Protocol, Tuple
 
+from pykvm._log import get_logger
 from pykvm._record import record_eq, record_hash, record_repr
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class BusDevice(Protocol):

@@ -47,10 +47,10 @@ RAM goes away.
 from __future__ import annotations
 
 import enum
-import logging
 import threading
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
+from pykvm._log import get_logger
 from pykvm._native import lib
 from pykvm._record import record_eq, record_repr
 from pykvm.kvm import Kvm, Vcpu, Vm
@@ -73,7 +73,7 @@ from pykvm.vmm.runloop import ConstantDevice, CRunLoop, PyRunLoop, RunLoop, RunS
 from pykvm.vmm.stats import BootTimes, TextWatch
 from pykvm.vmm.tables.mptable import MAX_CPUS, build_mptable
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # The serial console; reboot through the i8042 (the reset this machine has) and at once on a
 # panic. pci=noearly: no early type-1 scans, which on AMD family 0xF CPUs (the lab's TCG CPU)

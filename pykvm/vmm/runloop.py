@@ -26,7 +26,6 @@ one) return STOPPED.
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import select
 import threading
@@ -34,6 +33,7 @@ import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
+from pykvm._log import get_logger
 from pykvm._native import ffi, lib
 from pykvm._record import record_eq, record_repr
 from pykvm.errors import KvmError, ioctl_error
@@ -43,7 +43,7 @@ from pykvm.kvm.vcpu import Vcpu
 from pykvm.kvm.watchdog import WATCHDOG
 from pykvm.vmm.bus import Bus
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ALL_ONES = (1 << 64) - 1
 _COUNTER_LOCK = threading.Lock()

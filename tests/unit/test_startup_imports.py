@@ -41,3 +41,14 @@ def test_the_capability_enum_is_built_on_first_use_only():
             "print('Cap' in vars(caps)); from pykvm.kvm import Cap; print(Cap.USER_MEMORY.name, 'Cap' in vars(caps))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "USER_MEMORY", "True"]
+
+
+def test_logging_loads_only_for_a_message_that_can_be_shown():
+    """pykvm's loggers (pykvm._log) import logging for a warning, not for debug/info while
+    nobody has configured logging (Python's defaults would drop those)."""
+    code = ("import sys, pykvm.vmm.machine; from pykvm.vmm.bus import log; a = 'logging' in sys.modules; "
+            "log.debug('dropped %d', 1); b = 'logging' in sys.modules; log.warning('shown %d', 2); "
+            "print(a, b, 'logging' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False", "False", "True"]
+    assert "shown 2" in proc.stderr and "dropped" not in proc.stderr

@@ -23,10 +23,10 @@ unmapped, as if it did not decode.
 """
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Dict, List, Optional, Tuple
 
+from pykvm._log import get_logger
 from pykvm.vmm.bus import Bus, Range
 from pykvm.vmm.pci.allocator import BarAllocator
 from pykvm.vmm.pci.config import (
@@ -34,7 +34,7 @@ from pykvm.vmm.pci.config import (
     INTERRUPT_PIN, BarKind, BarWindow, ConfigSpace,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_DATA_PORT = 0xCFC

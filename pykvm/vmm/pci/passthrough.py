@@ -35,12 +35,12 @@ KVM which groups the VM uses, e.g. for coherent DMA) and the open groups.
 """
 from __future__ import annotations
 
-import logging
 import mmap
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from pykvm._log import get_logger
 from pykvm.errors import PykvmError
 from pykvm.kvm.vm import Vm
 from pykvm.memory import GuestMemory
@@ -60,7 +60,7 @@ from pykvm.vmm.pci.preflight import PassthroughError, Target, preflight
 
 __all__ = ["VfioPciDevice", "VfioContext", "PassthroughError"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PAGE = mmap.PAGESIZE
 INTX, MSI, MSIX = lib.VFIO_PCI_INTX_IRQ_INDEX, lib.VFIO_PCI_MSI_IRQ_INDEX, lib.VFIO_PCI_MSIX_IRQ_INDEX
