@@ -123,9 +123,10 @@ def cold_bytecode_env() -> Dict[str, str]:
 PHASES = ("firmware", "decompressor", "kernel")
 
 
-def traced_time_to_marker(argv: List[str], env: Optional[Dict[str, str]], stderr_path: str) -> Tuple[float, Dict[str, float]]:
+def traced_time_to_marker(argv: List[str], env: Optional[Dict[str, str]], stderr_path: str) -> Tuple[float, dict]:
     """:func:`time_to_marker` under L1's exit trace: the time and the phases (seconds): ``start-up``
-    (to the guest's first exit), each of :data:`PHASES` (wall) and ``L1 handling`` (all phases)."""
+    (to the guest's first exit), each of :data:`PHASES` (wall) and ``L1 handling`` (all phases);
+    ``top``: each phase's costliest exit reasons (reason, count, seconds)."""
     from pykvm.lab.ktrace import ExitTrace, boot_phase, summarize
 
     with ExitTrace() as trace:
@@ -134,14 +135,14 @@ def traced_time_to_marker(argv: List[str], env: Optional[Dict[str, str]], stderr
         print("bench: the trace buffer overflowed: phases are incomplete", file=sys.stderr)
     summary = summarize(trace.events(), classify=boot_phase, until="marker")
     totals = summary.by_name()
-    phases: Dict = {"start-up": summary.first_exit or 0.0}
+    phases: dict = {"start-up": summary.first_exit or 0.0}
     phases.update({name: totals[name].wall if name in totals else 0.0 for name in PHASES})
     phases["L1 handling"] = sum(w.handling for w in totals.values())
     phases["top"] = {name: totals[name].top(5) for name in PHASES if name in totals}
     return seconds, phases
 
 
-def print_phases(phases: Dict[str, List[Dict[str, float]]]) -> None:
+def print_phases(phases: Dict[str, List[dict]]) -> None:
     columns = ["start-up", *PHASES, "L1 handling"]
     print("Phases (median seconds; from L1's kvm_exit trace; L1 handling is part of the phases):")
     print(f"  {'':<28}" + "".join(f"{c:>14}" for c in columns))
@@ -185,7 +186,7 @@ def main() -> None:
         }
         times: Dict[str, List[float]] = {name: [] for name in variants}
         entries: Dict[str, List[float]] = {}
-        phases: Dict[str, List[Dict[str, float]]] = {name: [] for name in variants}
+        phases: Dict[str, List[dict]] = {name: [] for name in variants}
         stderr_path = os.path.join(tmp, "stderr")
         for r in range(args.rounds):
             for name, (argv, env) in variants.items():
