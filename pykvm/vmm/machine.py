@@ -147,6 +147,7 @@ class ConfigField(NamedTuple):
     types: Tuple[type, ...]  # what a config file's value may be (bool only where listed)
     default: Any  # or REQUIRED
 
+
 # MachineConfig's fields in constructor order, with the value types a TOML config file may give
 # and their defaults: MachineConfig's attributes, defaults, repr and == and pykvm.vmm.config's keys
 # and type checks all come from here.
