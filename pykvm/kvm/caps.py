@@ -8,6 +8,7 @@ import enum
 from typing import TYPE_CHECKING, Union
 
 from pykvm._native import lib
+from pykvm.kvm.macros import macro_enum
 
 if TYPE_CHECKING:
     Cap: type[enum.IntEnum]
@@ -19,7 +20,7 @@ PREFIX = "KVM_CAP_"
 
 def __getattr__(name: str):
     if name == "Cap":
-        cap = enum.IntEnum("Cap", {n[len(PREFIX):]: getattr(lib, n) for n in sorted(dir(lib)) if n.startswith(PREFIX)})
+        cap = macro_enum("Cap", PREFIX)
         cap.__doc__ = "KVM_CAP_* values as <linux/kvm.h> defines them (``Cap.IRQCHIP`` is KVM_CAP_IRQCHIP)."
         globals()["Cap"] = cap
         return cap

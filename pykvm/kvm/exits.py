@@ -12,24 +12,17 @@ what the guest wrote, so collected exits keep their values.
 """
 from __future__ import annotations
 
-import enum
-from typing import Any, ClassVar, List, Optional, Tuple, Type
+from typing import Any, ClassVar, List, Optional, Tuple
 
 from pykvm._native import ffi, lib
 from pykvm._record import record_eq, record_repr
-
-
-def _enum(name: str, prefix: str, exclude: Tuple[str, ...] = ()) -> Type[enum.IntEnum]:
-    """An IntEnum of the compiled ``prefix*`` macros (sub-families excluded)."""
-    members = {n[len(prefix):]: getattr(lib, n) for n in sorted(dir(lib))
-               if n.startswith(prefix) and not n[len(prefix):].startswith(exclude)}
-    return enum.IntEnum(name, members)
+from pykvm.kvm.macros import macro_enum
 
 
 # KVM_EXIT_IO_IN, KVM_EXIT_HYPERV_HCALL, ... are values of sub-fields, not exit reasons.
-ExitReason = _enum("ExitReason", "KVM_EXIT_", ("IO_", "HYPERV_", "XEN_", "HYPERCALL_", "NOTIFY_"))
-SystemEventType = _enum("SystemEventType", "KVM_SYSTEM_EVENT_")
-InternalErrorSuberror = _enum("InternalErrorSuberror", "KVM_INTERNAL_ERROR_", ("EMULATION_FLAG",))
+ExitReason = macro_enum("ExitReason", "KVM_EXIT_", ("IO_", "HYPERV_", "XEN_", "HYPERCALL_", "NOTIFY_"))
+SystemEventType = macro_enum("SystemEventType", "KVM_SYSTEM_EVENT_")
+InternalErrorSuberror = macro_enum("InternalErrorSuberror", "KVM_INTERNAL_ERROR_", ("EMULATION_FLAG",))
 
 
 def reason_name(reason: int) -> str:

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Type, 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm.errors import KvmError, ioctl_error
+from pykvm.kvm.macros import macro_enum
 
 __all__ = ["StatType", "StatUnit", "StatBase", "StatDesc", "StatsHeader", "StatsLayout", "KvmStats",
            "StatValue", "Pread"]
@@ -43,17 +44,11 @@ _DESC_SIZE = ffi.sizeof(_DESC)
 _NAME_AT = ffi.offsetof(_DESC, "name")
 
 
-def _family(name: str, prefix: str) -> Type[enum.IntEnum]:
-    """An IntEnum of this header's ``KVM_STATS_<prefix>_*`` values (SHIFT, MASK and MAX left out)."""
-    head = f"KVM_STATS_{prefix}_"
-    members = {n[len(head):]: getattr(lib, n) for n in sorted(dir(lib))
-               if n.startswith(head) and n[len(head):] not in ("SHIFT", "MASK", "MAX")}
-    return enum.IntEnum(name, members)
-
-
-StatType = _family("StatType", "TYPE")  # CUMULATIVE, INSTANT, PEAK, LINEAR_HIST, LOG_HIST
-StatUnit = _family("StatUnit", "UNIT")  # NONE, BYTES, SECONDS, CYCLES, BOOLEAN
-StatBase = _family("StatBase", "BASE")  # POW10, POW2
+# This header's KVM_STATS_{TYPE,UNIT,BASE}_* values (their SHIFT, MASK and MAX left out).
+_NOT_VALUES = ("SHIFT", "MASK", "MAX")
+StatType = macro_enum("StatType", "KVM_STATS_TYPE_", _NOT_VALUES)  # CUMULATIVE, INSTANT, PEAK, LINEAR_HIST, LOG_HIST
+StatUnit = macro_enum("StatUnit", "KVM_STATS_UNIT_", _NOT_VALUES)  # NONE, BYTES, SECONDS, CYCLES, BOOLEAN
+StatBase = macro_enum("StatBase", "KVM_STATS_BASE_", _NOT_VALUES)  # POW10, POW2
 
 _HISTOGRAMS = frozenset(int(StatType[n]) for n in ("LINEAR_HIST", "LOG_HIST") if n in StatType.__members__)
 _UNIT_WORDS = {"NONE": "", "BYTES": "B", "SECONDS": "s", "CYCLES": "cycles", "BOOLEAN": ""}
