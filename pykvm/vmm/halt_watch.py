@@ -35,7 +35,7 @@ class HaltWatch:
         self.stats = list(stats)
         self.check = check
         self.interval = interval
-        self.checks = 0  # how many checks were asked for (for tests and --stats)
+        self.checks = 0  # how many checks were asked for (the tests read it)
         self._baseline: List[Optional[int]] = [None] * len(self.stats)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
