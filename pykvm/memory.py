@@ -60,18 +60,14 @@ class MemoryRegion:
 
     _repr_fields = ("gpa", "size", "backing", "name", "readonly")
 
-    def __init__(self, gpa: int, size: int, backing: str = "anon", name: str = "", readonly: bool = False,
-                 _mm: Optional[mmap.mmap] = None, _view: Optional[memoryview] = None, _fd: int = -1,
-                 host_address: int = 0) -> None:
+    def __init__(self, gpa: int, size: int, backing: str = "anon", name: str = "", readonly: bool = False) -> None:
         self.gpa = gpa
         self.size = size
         self.backing = backing
         self.name = name
         self.readonly = readonly
-        self._mm = _mm
-        self._view = _view
-        self._fd = _fd
-        self.host_address = host_address
+        self._mm = None
+        self._fd = -1
 
         align = HUGE_PAGE_SIZE if self.backing == "hugetlb" else PAGE_SIZE
         if self.size <= 0 or self.size % align or self.gpa % align or self.gpa < 0:

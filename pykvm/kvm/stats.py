@@ -240,7 +240,7 @@ class KvmStats(FdObject):
     def __init__(self, fd: int, owner: FdObject):
         super().__init__(fd, owner)
         try:
-            self.layout = StatsLayout.read(self._pread)
+            self.layout = self._checked(lambda: StatsLayout.read(self._pread))
         except BaseException:
             self.close()
             raise

@@ -2,6 +2,8 @@
 offsets cffi reports for struct kvm_stats_header / kvm_stats_desc: pure computation, no kernel."""
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from typing import List, Tuple
@@ -11,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pykvm._native import ffi, lib
-from pykvm.kvm.stats import StatBase, StatDesc, StatsLayout, StatType, StatUnit, pread_exact
+from pykvm.errors import KvmError
+from pykvm.kvm.stats import KvmStats, StatBase, StatDesc, StatsLayout, StatType, StatUnit, pread_exact
 
 HEADER = "struct kvm_stats_header"
 DESC = "struct kvm_stats_desc"
@@ -161,3 +164,17 @@ def test_import_pykvm_kvm_leaves_stats_and_numpy_unloaded():
             "from pykvm.kvm import KvmStats; print(a, KvmStats.__module__, 'numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "pykvm.kvm.stats", "False"]
+
+
+def test_a_stats_fd_shorter_than_its_header_is_a_kvm_error_and_is_closed(tmp_path):
+    """KvmStats reads its layout at creation: a short file raises KvmError(EIO), not ValueError,
+    so callers that fall back on PykvmError (the halt watch) do, and the fd is not leaked."""
+    short = tmp_path / "stats"
+    short.write_bytes(b"\0" * (ffi.sizeof(HEADER) - 1))
+    fd = os.open(short, os.O_RDONLY)
+    with pytest.raises(KvmError) as info:
+        KvmStats(fd, None)
+    assert info.value.errno == errno.EIO and "KVM_GET_STATS_FD" in str(info.value)
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
