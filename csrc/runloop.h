@@ -109,6 +109,8 @@ struct pykvm_runloop {
     uint64_t handle_ticks[PYKVM_RL_NREASONS];  /* in userspace between that exit and the next entry */
 };
 
+/* The functions Python calls. pykvm/_build/runloop_cdef.py hands these lines to cffi as they
+ * are, from here to #endif: keep them plain prototypes. */
 int pykvm_runloop_run(struct pykvm_runloop *rl);
 uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
 int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,

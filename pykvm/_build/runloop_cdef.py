@@ -1,8 +1,22 @@
 """cffi declarations for the C vCPU run loop (csrc/runloop.h, csrc/runloop.c).
 
 Struct fields are declared by name with ``...;`` so the compiler supplies the
-layout; the constants come from the header.
+layout; the constants come from the header, and so do the function prototypes
+(read from runloop.h, not copied).
 """
+import os
+
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc", "runloop.h")
+_PROTOTYPES_START = "int pykvm_runloop_run("
+
+
+def _prototypes() -> str:
+    """runloop.h's prototypes: from the first one to ``#endif``."""
+    with open(HEADER) as f:
+        text = f.read()
+    return text[text.index(_PROTOTYPES_START):text.rindex("#endif")]
+
+
 CDEF = r"""
 #define PYKVM_RL_MAX_RANGES ...
 #define PYKVM_RL_NREASONS ...
@@ -50,14 +64,8 @@ struct pykvm_runloop {
     ...;
 };
 
-int pykvm_runloop_run(struct pykvm_runloop *rl);
-uint32_t pykvm_uart_drain(struct pykvm_rl_uart *u, uint8_t *out, uint32_t cap);
-int pykvm_uart_publish(struct pykvm_rl_uart *u, int tx_ok, int lsr, int msr, int irq_mode, int iir_fifo, int ier,
-                       int other_sources, int line_enable, int thre_pending);
-uint32_t pykvm_uart_take(struct pykvm_rl_uart *u);
-uint64_t pykvm_coarse_ns(void);
-uint64_t pykvm_ticks(void);
 """
+CDEF += _prototypes()
 
 SOURCE = '#include "runloop.h"'
 C_FILES = ["runloop.c"]
