@@ -35,12 +35,17 @@ KVM_GET_CPUID2 KVM_SET_CPUID2 KVM_GET_LAPIC KVM_SET_LAPIC KVM_GET_VCPU_EVENTS KV
 KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_SET_GUEST_DEBUG
 KVM_TRANSLATE KVM_NMI KVM_INTERRUPT KVM_GET_TSC_KHZ KVM_SET_TSC_KHZ KVM_SET_SIGNAL_MASK
 KVM_SET_BOOT_CPU_ID KVM_X86_SET_MSR_FILTER KVM_GET_STATS_FD
+KVM_GET_SREGS2 KVM_SET_SREGS2 KVM_GET_XSAVE2 KVM_X86_GET_MCE_CAP_SUPPORTED KVM_X86_SETUP_MCE KVM_X86_SET_MCE
+KVM_KVMCLOCK_CTRL KVM_SMI KVM_REINJECT_CONTROL KVM_SET_PMU_EVENT_FILTER KVM_RESET_DIRTY_RINGS
 """.split()
 
 CONSTANTS = """
 KVM_API_VERSION KVM_NR_INTERRUPTS KVM_APIC_REG_SIZE KVM_COALESCED_MMIO_PAGE_OFFSET
 KVM_DEV_TYPE_VFIO KVM_DEV_VFIO_GROUP KVM_DEV_VFIO_GROUP_ADD KVM_DEV_VFIO_GROUP_DEL
 KVM_EXIT_IO_IN KVM_EXIT_IO_OUT KVM_MSR_FILTER_MAX_BITMAP_SIZE KVM_IOAPIC_NUM_PINS
+KVM_SREGS2_FLAGS_PDPTRS_VALID KVM_MSR_FILTER_MAX_RANGES KVM_MSR_FILTER_READ KVM_MSR_FILTER_WRITE
+KVM_MSR_FILTER_DEFAULT_ALLOW KVM_MSR_FILTER_DEFAULT_DENY KVM_PMU_EVENT_ALLOW KVM_PMU_EVENT_DENY
+KVM_DIRTY_LOG_PAGE_OFFSET KVM_DIRTY_GFN_F_DIRTY KVM_DIRTY_GFN_F_RESET
 """.split()
 
 
@@ -90,6 +95,12 @@ struct kvm_sregs {
     __u64 cr0, cr2, cr3, cr4, cr8, efer, apic_base;
     __u64 interrupt_bitmap[4]; ...;
 };
+struct kvm_sregs2 {
+    struct kvm_segment cs, ds, es, fs, gs, ss, tr, ldt;
+    struct kvm_dtable gdt, idt;
+    __u64 cr0, cr2, cr3, cr4, cr8, efer, apic_base, flags;
+    __u64 pdptrs[4]; ...;
+};
 struct kvm_fpu {
     __u8 fpr[8][16]; __u16 fcw; __u16 fsw; __u8 ftwx; __u16 last_opcode;
     __u64 last_ip; __u64 last_dp; __u8 xmm[16][16]; __u32 mxcsr; ...;
@@ -129,7 +140,16 @@ struct kvm_pit_channel_state {
     __u8 gate; __s64 count_load_time; ...;
 };
 struct kvm_pit_state2 { struct kvm_pit_channel_state channels[3]; __u32 flags; ...; };
-struct kvm_irq_level { __u32 irq; __u32 level; ...; };
+struct kvm_irq_level { union { __u32 irq; __s32 status; }; __u32 level; ...; };
+struct kvm_x86_mce { __u64 status; __u64 addr; __u64 misc; __u64 mcg_status; __u8 bank; ...; };
+struct kvm_signal_mask { __u32 len; __u8 sigset[]; ...; };
+struct kvm_reinject_control { __u8 pit_reinject; ...; };
+struct kvm_pmu_event_filter {
+    __u32 action; __u32 nevents; __u32 fixed_counter_bitmap; __u32 flags; __u64 events[]; ...;
+};
+struct kvm_msr_filter_range { __u32 flags; __u32 nmsrs; __u32 base; __u8 *bitmap; ...; };
+struct kvm_msr_filter { __u32 flags; struct kvm_msr_filter_range ranges[...]; ...; };
+struct kvm_dirty_gfn { __u32 flags; __u32 slot; __u64 offset; ...; };
 struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __u32 devid; ...; };
 struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };
 struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 devid; };
