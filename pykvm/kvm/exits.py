@@ -301,6 +301,14 @@ class HypercallExit(Exit):
         self._run.hypercall.ret = v
 
 
+class DirtyRingFullExit(Exit):
+    """KVM_EXIT_DIRTY_RING_FULL: this vCPU's dirty ring is nearly full; it runs again only
+    after its entries are harvested and ``Vm.reset_dirty_rings()`` has taken them back."""
+
+    __slots__ = ()
+    REASON = lib.KVM_EXIT_DIRTY_RING_FULL
+
+
 class InterruptedExit(Exit):
     """KVM_RUN returned EINTR: a signal or ``Vcpu.kick()`` (reason is KVM_EXIT_INTR)."""
 
@@ -360,6 +368,8 @@ def decode(run: Any, page: Any) -> Exit:
         return MsrExit(reason, run.msr.index, run.msr.reason, run)
     if reason == lib.KVM_EXIT_HYPERCALL:
         return HypercallExit(reason, run.hypercall.nr, list(run.hypercall.args), run)
+    if reason == lib.KVM_EXIT_DIRTY_RING_FULL:
+        return DirtyRingFullExit(reason)
     if reason == lib.KVM_EXIT_INTR:
         return InterruptedExit(reason)
     return UnknownExit(reason, run.hw.hardware_exit_reason)

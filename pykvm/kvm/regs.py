@@ -1,12 +1,13 @@
 """Register and state structs as Python objects over the kernel's own layout.
 
 Each wrapper owns a ``struct kvm_*`` allocated by cffi; attribute access reads
-and writes the C fields directly (``regs.rip = 0x1000``), nested structs are
-live views (``sregs.cs.base = 0``), and ``ptr`` is what the ioctl receives.
+and writes the C fields directly (``regs.rip = 0x1000``), nested structs and
+arrays are live views (``sregs.cs.base = 0``) that keep their owner alive, and
+``ptr`` is what the ioctl receives.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, Iterator, List
 
 from pykvm._native import ffi, lib
 from pykvm._record import record_eq, record_repr
@@ -18,19 +19,23 @@ class Struct:
     ctype = ""
 
     def __init__(self, **fields: Any):
-        object.__setattr__(self, "ptr", ffi.new(self.ctype + " *"))
+        object.__setattr__(self, "ptr", self._allocate())
         for name, value in fields.items():
             setattr(self, name, value)
+
+    def _allocate(self) -> Any:
+        """The zeroed ``ctype *`` this object wraps."""
+        return ffi.new(self.ctype + " *")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self.ptr, name)
+        return _view(self, getattr(self.ptr, name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if not hasattr(self.ptr, name):
             raise AttributeError(f"{self.ctype} has no field {name!r}")
-        setattr(self.ptr, name, value)
+        setattr(self.ptr, name, _cdata(value))
 
     def field_names(self) -> List[str]:
         return [name for name, _ in ffi.typeof(self.ptr[0]).fields]
@@ -51,6 +56,63 @@ class Struct:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.as_dict()})"
+
+
+class FieldView:
+    """A nested struct, union or array of a :class:`Struct`: reads and writes go to the
+    owner's memory, and the view holds the owner. (A bare cffi view of a field does not
+    keep the allocation alive, so ``cpu.get_xsave().region[6]`` would read freed memory.)
+    ``bytes(view)`` copies the field out; ``view.cdata`` is the raw cffi view for ffi calls,
+    valid while the view is."""
+
+    __slots__ = ("_owner", "cdata")
+
+    def __init__(self, owner: Any, cdata: Any):
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "cdata", cdata)
+
+    def __getattr__(self, name: str) -> Any:
+        return _view(self._owner, getattr(self.cdata, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.cdata, name, _cdata(value))
+
+    def __getitem__(self, index: Any) -> Any:
+        return _view(self._owner, self.cdata[index])
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.cdata[index] = _cdata(value)
+
+    def __len__(self) -> int:
+        return len(self.cdata)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self.cdata)))
+
+    def __bytes__(self) -> bytes:
+        c = self.cdata
+        return bytes(ffi.buffer(c if ffi.typeof(c).kind == "array" else ffi.addressof(c)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FieldView):
+            return ffi.typeof(self.cdata) is ffi.typeof(other.cdata) and bytes(self) == bytes(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the struct it views
+
+    def __repr__(self) -> str:
+        return f"FieldView({_pythonize(self.cdata)!r})"
+
+
+def _view(owner: Any, value: Any) -> Any:
+    """``value`` read from ``owner``'s memory: scalars as they are, nested fields as views."""
+    if isinstance(value, ffi.CData) and ffi.typeof(value).kind in ("struct", "union", "array"):
+        return FieldView(owner, value)
+    return value
+
+
+def _cdata(value: Any) -> Any:
+    return value.cdata if isinstance(value, FieldView) else value
 
 
 def _pythonize(value: Any) -> Any:
@@ -75,6 +137,21 @@ class Sregs(Struct):
     ctype = "struct kvm_sregs"
 
 
+class Sregs2(Struct):
+    """``Sregs`` plus the PAE PDPTRs (KVM_GET_SREGS2 / KVM_SET_SREGS2).
+
+    ``flags & PDPTRS_VALID`` says ``pdptrs`` hold the four page-directory pointers the
+    CPU loaded under PAE paging (KVM_GET_SREGS2 sets it only then); on KVM_SET_SREGS2
+    it makes KVM take them as given instead of re-reading them from guest memory at
+    CR3, which is how a migrated PAE guest keeps PDPTRs its memory no longer holds.
+    Unlike ``Sregs`` there is no interrupt bitmap: pending interrupts travel in
+    ``VcpuEvents``.
+    """
+
+    ctype = "struct kvm_sregs2"
+    PDPTRS_VALID = lib.KVM_SREGS2_FLAGS_PDPTRS_VALID
+
+
 class Fpu(Struct):
     """x87/SSE state (KVM_GET_FPU / KVM_SET_FPU)."""
 
@@ -82,9 +159,33 @@ class Fpu(Struct):
 
 
 class Xsave(Struct):
-    """The XSAVE area (KVM_GET_XSAVE / KVM_SET_XSAVE)."""
+    """The XSAVE area (KVM_GET_XSAVE / KVM_GET_XSAVE2 / KVM_SET_XSAVE).
+
+    ``region`` is the 4 KiB ``struct kvm_xsave`` (legacy area, XSAVE header and the
+    fixed-size components). Dynamically enabled features (AMX tile data) make the
+    guest's area larger than that: KVM_GET_XSAVE2 then writes ``size`` bytes, the
+    size KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) reports on the VM, and KVM_SET_XSAVE
+    reads as many back. ``to_bytes()``, ``copy()`` and ``==`` cover all ``size`` bytes.
+    """
 
     ctype = "struct kvm_xsave"
+
+    def __init__(self, size: int = 0, **fields: Any):
+        object.__setattr__(self, "size", max(size, ffi.sizeof(self.ctype)))
+        super().__init__(**fields)
+
+    def _allocate(self) -> Any:
+        buf = ffi.new("char[]", self.size)
+        object.__setattr__(self, "_buf", buf)  # owns the memory ``ptr`` points into
+        return ffi.cast(self.ctype + " *", buf)
+
+    def to_bytes(self) -> bytes:
+        return bytes(ffi.buffer(self.ptr, self.size))
+
+    def copy(self) -> "Xsave":
+        other = Xsave(self.size)
+        ffi.memmove(other.ptr, self.ptr, self.size)
+        return other
 
 
 class Xcrs(Struct):

@@ -77,6 +77,13 @@ class Kvm(FdObject):
         """Memory slots per address space (KVM_CAP_NR_MEMSLOTS)."""
         return self.check_extension(lib.KVM_CAP_NR_MEMSLOTS)
 
+    def mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED: the IA32_MCG_CAP bits (above the bank count)
+        ``Vcpu.setup_mce`` accepts, e.g. MCG_CTL_P (bit 8) and MCG_SER_P (bit 24)."""
+        c = ffi.new("__u64 *")
+        self._ioctl("KVM_X86_GET_MCE_CAP_SUPPORTED", c)
+        return c[0]
+
     def _cpuid(self, name: str) -> List[CpuidEntry]:
         c = ffi.new("struct kvm_cpuid2 *", {"nent": _CPUID_MAX, "entries": _CPUID_MAX})
         self._ioctl(name, c)

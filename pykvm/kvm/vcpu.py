@@ -20,15 +20,17 @@ from pykvm._native import ffi, lib
 from pykvm.errors import KvmError, ioctl_error
 from pykvm.kvm import exits
 from pykvm.kvm.watchdog import WATCHDOG
-from pykvm.kvm.regs import (CpuidEntry, DebugRegs, Fpu, Lapic, Regs, Sregs, VcpuEvents, Xcrs, Xsave,
+from pykvm.kvm.regs import (CpuidEntry, DebugRegs, Fpu, Lapic, Regs, Sregs, Sregs2, VcpuEvents, Xcrs, Xsave,
                             cpuid_from_c, cpuid_to_c)
 
 if TYPE_CHECKING:
+    from pykvm.kvm.dirty_ring import DirtyRing
     from pykvm.kvm.stats import KvmStats
 
 if lib.pykvm_install_kick_handler() != 0:  # pragma: no cover - sigaction cannot fail for a valid signal
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
 KICK_SIGNAL = lib.pykvm_kick_signal()
+_SIGSET_BYTES = 8  # the kernel's sigset_t on x86-64 (64 signals); KVM_SET_SIGNAL_MASK wants exactly this
 
 
 class MpState(enum.IntEnum):
@@ -62,6 +64,40 @@ class GuestDebug(enum.IntFlag):
     BLOCKIRQ = lib.KVM_GUESTDBG_BLOCKIRQ
 
 
+class McgStatus(enum.IntFlag):
+    """IA32_MCG_STATUS bits, the ``mcg_status`` of ``Vcpu.set_mce``."""
+
+    RIPV = 1 << 0  # the guest can resume at the saved RIP
+    EIPV = 1 << 1  # the saved RIP points at the instruction that caused the error
+    MCIP = 1 << 2  # machine check in progress (a second #MC meanwhile is a shutdown)
+
+
+class MciStatus(enum.IntFlag):
+    """IA32_MCi_STATUS bits, the ``status`` of ``Vcpu.set_mce``."""
+
+    PCC = 1 << 57  # processor context corrupt
+    ADDRV = 1 << 58  # MCi_ADDR holds the address
+    MISCV = 1 << 59  # MCi_MISC holds more information
+    EN = 1 << 60  # reporting enabled for this error
+    UC = 1 << 61  # uncorrected: KVM raises #MC in the guest
+    OVER = 1 << 62  # an earlier error in the bank was overwritten
+    VAL = 1 << 63  # the register holds an error
+
+
+def _kvm_signal_mask(signals: Iterable[int]) -> Any:
+    """A ``struct kvm_signal_mask`` blocking ``signals`` (numbers 1..64, never the kick signal)."""
+    bits = 0
+    for sig in signals:
+        if not 1 <= sig <= _SIGSET_BYTES * 8:
+            raise ValueError(f"signal {sig} is outside 1..{_SIGSET_BYTES * 8}")
+        if sig == KICK_SIGNAL:
+            raise ValueError(f"signal {sig} is pykvm's kick signal: blocked in KVM_RUN, kick() and "
+                             "run(timeout=...) could not stop a guest that never exits")
+        bits |= 1 << (sig - 1)
+    return ffi.new("struct kvm_signal_mask *", {"len": _SIGSET_BYTES,
+                                                 "sigset": list(bits.to_bytes(_SIGSET_BYTES, "little"))})
+
+
 def msrs_get(obj: FdObject, indices: Iterable[int]) -> Dict[int, int]:
     """KVM_GET_MSRS on a vCPU (or, for feature MSRs, the system fd)."""
     indices = list(indices)
@@ -79,6 +115,7 @@ class Vcpu(FdObject):
 
     _error_family = KvmError
     _what = "Vcpu"
+    _dirty_ring: Optional["DirtyRing"] = None  # made by dirty_ring()
 
     def __init__(self, fd: int, vm, vcpu_id: int):
         super().__init__(fd, vm)
@@ -157,6 +194,19 @@ class Vcpu(FdObject):
             except ProcessLookupError:
                 pass
 
+    def set_signal_mask(self, signals: Optional[Iterable[int]]) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU's thread is inside KVM_RUN.
+
+        KVM puts this mask in place of the thread's own for the duration of KVM_RUN, so
+        a VMM can keep signals meant for its own loop from cutting a run short: a
+        signal the mask leaves unblocked makes KVM_RUN return (``InterruptedExit``), a
+        blocked one stays pending until the run ends and the thread's own mask is back.
+        ``None`` drops the mask (the thread's own mask applies in KVM_RUN too); an
+        empty iterable unblocks every signal while in KVM_RUN. The kick signal cannot
+        be blocked (ValueError); KVM never blocks SIGKILL or SIGSTOP.
+        """
+        self._ioctl("KVM_SET_SIGNAL_MASK", None if signals is None else _kvm_signal_mask(signals))
+
     def drain_coalesced_mmio(self) -> List[CoalescedWrite]:
         """Writes KVM queued in the VM's coalesced MMIO/PIO ring (mapped at page
         KVM_COALESCED_MMIO_PAGE_OFFSET of every vCPU fd), oldest first; consumes them."""
@@ -193,6 +243,17 @@ class Vcpu(FdObject):
     def set_sregs(self, sregs: Sregs) -> None:
         self._ioctl("KVM_SET_SREGS", sregs.ptr)
 
+    def get_sregs2(self) -> Sregs2:
+        """KVM_GET_SREGS2: ``get_sregs()``'s registers plus, under PAE paging, the four
+        PDPTRs the CPU holds (``flags`` has ``Sregs2.PDPTRS_VALID``), which guest memory
+        at CR3 may no longer match; no interrupt bitmap (that is in the vCPU events)."""
+        return self._get("KVM_GET_SREGS2", Sregs2())
+
+    def set_sregs2(self, sregs: Sregs2) -> None:
+        """KVM_SET_SREGS2: with ``PDPTRS_VALID`` KVM loads ``pdptrs`` as given instead of
+        reading them at CR3; EINVAL for it outside PAE paging or for unknown flags."""
+        self._ioctl("KVM_SET_SREGS2", sregs.ptr)
+
     def get_fpu(self) -> Fpu:
         return self._get("KVM_GET_FPU", Fpu())
 
@@ -200,9 +261,17 @@ class Vcpu(FdObject):
         self._ioctl("KVM_SET_FPU", fpu.ptr)
 
     def get_xsave(self) -> Xsave:
+        """KVM_GET_XSAVE: the 4 KiB XSAVE area (EINVAL once the guest's area is larger)."""
         return self._get("KVM_GET_XSAVE", Xsave())
 
+    def get_xsave2(self) -> Xsave:
+        """KVM_GET_XSAVE2: the whole XSAVE area, of the size KVM_CAP_XSAVE2 reports on the
+        VM: larger than KVM_GET_XSAVE's 4 KiB once dynamic features (AMX) are enabled."""
+        return self._get("KVM_GET_XSAVE2", Xsave(self.vm.check_extension(lib.KVM_CAP_XSAVE2)))
+
     def set_xsave(self, xsave: Xsave) -> None:
+        """KVM_SET_XSAVE: KVM reads as many bytes as the guest's area has, so pass what
+        ``get_xsave2()`` (or, for a 4 KiB area, ``get_xsave()``) returned."""
         self._ioctl("KVM_SET_XSAVE", xsave.ptr)
 
     def get_xcrs(self) -> Xcrs:
@@ -295,6 +364,39 @@ class Vcpu(FdObject):
         """KVM_INTERRUPT: inject an external interrupt vector (userspace irqchip only)."""
         self._ioctl("KVM_INTERRUPT", ffi.new("struct kvm_interrupt *", {"irq": vector}))
 
+    def smi(self) -> None:
+        """KVM_SMI: queue a System Management Interrupt; the vCPU enters SMM at its next
+        entry. Needs KVM_CAP_X86_SMM (a KVM built without SMM answers ENOTTY)."""
+        self._ioctl("KVM_SMI")
+
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: emulate machine-check banks with IA32_MCG_CAP = ``mcg_cap``.
+
+        The low byte is the bank count (1..KVM_CAP_MCE), the other bits must be among
+        ``Kvm.mce_cap_supported()`` (EINVAL otherwise). KVM sets MCG_CTL and every
+        MCi_CTL to all ones, so each bank reports the errors ``set_mce`` injects."""
+        self._ioctl("KVM_X86_SETUP_MCE", ffi.new("__u64 *", mcg_cap))
+
+    def set_mce(self, bank: int, status: int, addr: int = 0, misc: int = 0,
+                mcg_status: int = McgStatus.MCIP | McgStatus.RIPV) -> None:
+        """KVM_X86_SET_MCE: report a machine-check error in ``bank`` as the hardware would.
+
+        An uncorrected error (``MciStatus.UC``) fills MCi_STATUS/ADDR/MISC, sets
+        IA32_MCG_STATUS to ``mcg_status`` and queues #MC; a guest with CR4.MCE clear or
+        already handling one (MCG_STATUS.MCIP) is shut down instead, as on hardware. A
+        corrected error is only recorded in the bank, for the guest to find by polling.
+        EINVAL if ``bank`` is not below ``setup_mce``'s count or ``status`` lacks VAL."""
+        self._ioctl("KVM_X86_SET_MCE", ffi.new("struct kvm_x86_mce *", {
+            "bank": bank, "status": status, "addr": addr, "misc": misc, "mcg_status": mcg_status}))
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell the guest the host paused it (e.g. stopped the VM).
+
+        KVM sets PVCLOCK_GUEST_STOPPED in the guest's kvmclock page at the next entry,
+        so the guest's lockup detectors do not fire over the time it did not run.
+        EINVAL until the guest has enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW)."""
+        self._ioctl("KVM_KVMCLOCK_CTRL")
+
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest TSC frequency."""
         return self._ioctl("KVM_GET_TSC_KHZ")
@@ -320,3 +422,13 @@ class Vcpu(FdObject):
         if mm is not None:
             mm.close()
             self._mm = None
+
+    def dirty_ring(self) -> "DirtyRing":
+        """This vCPU's dirty-page ring (``Vm.enable_dirty_ring`` first): mapped from page
+        KVM_DIRTY_LOG_PAGE_OFFSET of the vCPU fd on the first call, the same object afterwards
+        (it keeps the harvest position), unmapped before this vCPU closes."""
+        from pykvm.kvm.dirty_ring import DirtyRing
+
+        if self._dirty_ring is None:
+            self._dirty_ring = DirtyRing(self)
+        return self._dirty_ring

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
@@ -15,6 +15,7 @@ from pykvm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
 if TYPE_CHECKING:  # numpy is imported where it is used (start-up time)
     import numpy as np
 
+    from pykvm.kvm.msr_filter import MsrFilterRange
     from pykvm.kvm.stats import KvmStats
 
 
@@ -29,6 +30,13 @@ class IrqChipId(enum.IntEnum):
     PIC_MASTER = lib.KVM_IRQCHIP_PIC_MASTER
     PIC_SLAVE = lib.KVM_IRQCHIP_PIC_SLAVE
     IOAPIC = lib.KVM_IRQCHIP_IOAPIC
+
+
+class PmuEventAction(enum.IntEnum):
+    """KVM_PMU_EVENT_*: whether a PMU event filter lists the events allowed or those denied."""
+
+    ALLOW = lib.KVM_PMU_EVENT_ALLOW
+    DENY = lib.KVM_PMU_EVENT_DENY
 
 
 class MemorySlot:
@@ -137,6 +145,7 @@ class Vm(FdObject):
         self.slots: Dict[int, MemorySlot] = {}
         self._irqfds: Dict[tuple, Any] = {}
         self._ioeventfds: Dict[tuple, Any] = {}
+        self.dirty_ring_size = 0  # bytes per vCPU ring, once enable_dirty_ring succeeded
 
     def check_extension(self, cap: CapLike) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers can differ per VM type)."""
@@ -214,6 +223,23 @@ class Vm(FdObject):
             "dirty_bitmap": ffi.from_buffer(bitmap)})
         self._ioctl("KVM_CLEAR_DIRTY_LOG", c)
 
+    def enable_dirty_ring(self, size_bytes: int, acq_rel: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING or, with ``acq_rel``, _ACQ_REL): log the pages
+        written in LOG_DIRTY_PAGES slots in a ring per vCPU (``Vcpu.dirty_ring()``) instead of the
+        slots' bitmaps (KVM_GET_DIRTY_LOG then fails with ENXIO), so a harvest costs what was
+        written rather than a scan of all memory. ``size_bytes`` is a power of two, at least a page
+        and at most ``check_extension`` of the capability; only once, before any vCPU exists
+        (EINVAL). ACQ_REL promises acquire/release ordering on the entries' flags, which is what
+        x86 does anyway; the plain capability exists on x86 only."""
+        self.enable_cap(lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else lib.KVM_CAP_DIRTY_LOG_RING, size_bytes)
+        self.dirty_ring_size = size_bytes
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: KVM takes back every harvested (RESET) entry of every vCPU's
+        ring and write-protects those pages again, so their next write is logged anew; returns
+        how many entries it reset."""
+        return self._ioctl("KVM_RESET_DIRTY_RINGS")
+
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: 3 pages of guest-physical space VMX needs for real mode."""
         self._ioctl("KVM_SET_TSS_ADDR", addr)
@@ -250,6 +276,25 @@ class Vm(FdObject):
     def irq_line(self, irq: int, level: int) -> None:
         """KVM_IRQ_LINE: set an in-kernel irqchip input (GSI) high or low."""
         self._ioctl("KVM_IRQ_LINE", ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
+
+    def irq_line_status(self, irq: int, level: int) -> int:
+        """KVM_IRQ_LINE_STATUS: KVM_IRQ_LINE that also reports what became of the interrupt, so
+        a timer device can tell that the guest lost a tick and inject it again. The status sums
+        the answers of the chips behind the GSI: an IOAPIC, the number of LAPICs it delivered to
+        (0 if it coalesced: the edge line was already high, or the LAPIC is disabled); a PIC, 1
+        (0 if a new edge finds the previous request still pending). A chip that masks the pin
+        (or, level-triggered, still waits for the EOI) is left out, and -1 means all were.
+        Lowering a line reports a positive count too."""
+        c = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
+        self._ioctl("KVM_IRQ_LINE_STATUS", c)
+        return c.status
+
+    def reinject_control(self, pit_reinject: bool) -> None:
+        """KVM_REINJECT_CONTROL: whether the in-kernel PIT delivers the ticks a guest missed
+        later (True, the default: for guests that count ticks to keep time) or drops them
+        (False: no bursts of catch-up interrupts for guests that read a clock). Needs
+        ``create_pit2`` first (ENXIO)."""
+        self._ioctl("KVM_REINJECT_CONTROL", ffi.new("struct kvm_reinject_control *", {"pit_reinject": pit_reinject}))
 
     def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
         """KVM_SIGNAL_MSI: inject one MSI; returns >0 if delivered, 0 if blocked by the guest."""
@@ -349,7 +394,39 @@ class Vm(FdObject):
         s = ClockData(clock=clock_ns, flags=flags)
         self._ioctl("KVM_SET_CLOCK", s.ptr)
 
+    # -- CPU features -------------------------------------------------------
+    def set_msr_filter(self, ranges: Sequence["MsrFilterRange"], default_allow: bool = True) -> None:
+        """KVM_X86_SET_MSR_FILTER: deny guest RDMSR/WRMSR that KVM would otherwise handle, per
+        MSR and direction (pykvm.kvm.msr_filter); MSRs no range covers follow ``default_allow``.
+        Denied accesses #GP, or exit as an ``MsrExit`` with msr_reason FILTER after
+        ``enable_cap(X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)``, so a VMM can emulate or
+        hide MSRs. Replaces the previous filter, also while vCPUs run; ``[]`` removes it.
+        Input KVM would refuse raises ValueError first."""
+        from pykvm.kvm.msr_filter import msr_filter_struct
+
+        c, keepalive = msr_filter_struct(ranges, default_allow)  # c's ranges point into keepalive
+        self._ioctl("KVM_X86_SET_MSR_FILTER", c)
+
+    def set_pmu_event_filter(self, action: int, events: Iterable[int], fixed_counter_bitmap: int = 0) -> None:
+        """KVM_SET_PMU_EVENT_FILTER: which events the guest's vPMU counters may count. ``events``
+        are raw event selects (event bits 0-7 and 32-35, unit mask << 8); with
+        ``PmuEventAction.ALLOW`` only those count, with DENY all others; bit i of
+        ``fixed_counter_bitmap`` names fixed counter i the same way. KVM checks it when the guest
+        programs a counter, so a guest cannot measure what the host keeps from it. Replaces the
+        previous filter (DENY with no events allows everything)."""
+        codes = list(events)
+        c = ffi.new("struct kvm_pmu_event_filter *", {
+            "action": int(action), "nevents": len(codes), "fixed_counter_bitmap": fixed_counter_bitmap,
+            "events": codes})
+        self._ioctl("KVM_SET_PMU_EVENT_FILTER", c)
+
     # -- children ---------------------------------------------------------
+    def set_boot_cpu_id(self, vcpu_id: int) -> None:
+        """KVM_SET_BOOT_CPU_ID: which vCPU id is the bootstrap processor (0 unless set): its
+        IA32_APIC_BASE has the BSP bit, and with the in-kernel irqchip it starts runnable while
+        the others wait for INIT/SIPI. Only before the first vCPU is created (EBUSY)."""
+        self._ioctl("KVM_SET_BOOT_CPU_ID", vcpu_id)
+
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
         """KVM_CREATE_VCPU: a vCPU with this APIC ID; its kvm_run page is mmap'd."""
         from pykvm.kvm.vcpu import Vcpu
