@@ -14,13 +14,13 @@ __all__ = [
     "MsiRoute", "PmuEventAction", "MpState", "GuestDebug", "Exit", "ExitReason", "IoExit", "MmioExit",
     "HltExit", "ShutdownExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit", "DebugExit",
     "IrqWindowOpenExit", "MsrExit", "HypercallExit", "DirtyRingFullExit", "InterruptedExit", "UnknownExit",
-    "KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase", "MsrAccess", "MsrFilterRange",
+    "KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase", "MsrAccess", "MsrFilterRange", "MsrExitReason",
     "DirtyRing", "DirtyPage",
 ]
 
 # Names whose modules load on first use (``Vm.stats()`` & co. import them too): `import pykvm.kvm`,
 # and so `pykvm run`, loads none of them; pykvm.kvm.caps builds ``Cap`` on first use as well.
-_LAZY = {"Cap": "caps", "MsrAccess": "msr_filter", "MsrFilterRange": "msr_filter",
+_LAZY = {"Cap": "caps", "MsrAccess": "msr_filter", "MsrFilterRange": "msr_filter", "MsrExitReason": "msr_filter",
          "DirtyRing": "dirty_ring", "DirtyPage": "dirty_ring",
          **{name: "stats" for name in ("KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase")}}
 

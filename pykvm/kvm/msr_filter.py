@@ -3,7 +3,7 @@
 A filter is a list of ranges, each a bitmap over ``[base, base + nmsrs)`` for reads, writes or
 both: a set bit lets KVM handle the access, a clear bit denies it. An access no range covers
 follows the filter's default. A denied access raises #GP in the guest or, after
-``enable_cap(X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)``, comes to user space as an
+``enable_cap(X86_USER_SPACE_MSR, MsrExitReason.FILTER)``, comes to user space as an
 ``MsrExit`` whose ``msr_reason`` is FILTER, to be answered there.
 """
 from __future__ import annotations
@@ -22,6 +22,16 @@ class MsrAccess(enum.IntFlag):
 
     READ = lib.KVM_MSR_FILTER_READ
     WRITE = lib.KVM_MSR_FILTER_WRITE
+
+
+class MsrExitReason(enum.IntFlag):
+    """KVM_MSR_EXIT_REASON_*: which failed MSR accesses ``enable_cap(X86_USER_SPACE_MSR, ...)``
+    sends to user space (``MsrExit.msr_reason`` says which one it was): INVAL (KVM knows the MSR
+    but the access #GPs), UNKNOWN (KVM does not know the MSR), FILTER (an MSR filter denied it)."""
+
+    INVAL = lib.KVM_MSR_EXIT_REASON_INVAL
+    UNKNOWN = lib.KVM_MSR_EXIT_REASON_UNKNOWN
+    FILTER = lib.KVM_MSR_EXIT_REASON_FILTER
 
 
 class MsrFilterRange(NamedTuple):

@@ -399,7 +399,7 @@ class Vm(FdObject):
         """KVM_X86_SET_MSR_FILTER: deny guest RDMSR/WRMSR that KVM would otherwise handle, per
         MSR and direction (pykvm.kvm.msr_filter); MSRs no range covers follow ``default_allow``.
         Denied accesses #GP, or exit as an ``MsrExit`` with msr_reason FILTER after
-        ``enable_cap(X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)``, so a VMM can emulate or
+        ``enable_cap(X86_USER_SPACE_MSR, MsrExitReason.FILTER)``, so a VMM can emulate or
         hide MSRs. Replaces the previous filter, also while vCPUs run; ``[]`` removes it.
         Input KVM would refuse raises ValueError first."""
         from pykvm.kvm.msr_filter import msr_filter_struct

@@ -166,6 +166,17 @@ def test_10_irqfd_and_irq_line_reach_the_guest_handler(kvm):
     assert re.search(r"^KVM_IRQ_LINE pulse: the handler reported vector 0x25 on port 0x10 0\.[2-9]\d s", out, re.M)
 
 
+@pytest.mark.kvm
+def test_11_msr_filter_sends_denied_accesses_to_the_host(kvm):
+    out = output_of("11_msr_filter.py")
+    lines_in_order(out,
+                   "exit RDMSR of 0x174: answered by the host with 0x1234abcd",
+                   "guest read 0x174 = 0x1234abcd",
+                   "guest read 0x175 = 0x5555 (KVM, no exit)",
+                   "exit WRMSR of 0x174: the guest wrote 0xcafe",
+                   "guest halted")
+
+
 def example_files() -> List[Path]:
     return sorted(EXAMPLES.glob("[01][0-9]_*.py"))  # 2x: VFIO examples, tested with the lab
 

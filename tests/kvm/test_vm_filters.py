@@ -6,9 +6,9 @@ import errno
 
 import pytest
 
-from pykvm._native import lib
 from pykvm.errors import ClosedError, KvmError
-from pykvm.kvm import Cap, HltExit, IoExit, MpState, MsrAccess, MsrExit, MsrFilterRange, PmuEventAction
+from pykvm.kvm import (Cap, HltExit, IoExit, MpState, MsrAccess, MsrExit, MsrExitReason, MsrFilterRange,
+                       PmuEventAction)
 from tests.kvm.guests import HLT, real_mode_vcpu
 
 pytestmark = pytest.mark.kvm
@@ -37,7 +37,7 @@ def out_eax(port: int) -> bytes:
 
 def user_space_msr_filter(vm, ranges) -> None:
     need(vm, Cap.X86_MSR_FILTER, Cap.X86_USER_SPACE_MSR)
-    vm.enable_cap(Cap.X86_USER_SPACE_MSR, lib.KVM_MSR_EXIT_REASON_FILTER)
+    vm.enable_cap(Cap.X86_USER_SPACE_MSR, MsrExitReason.FILTER)
     vm.set_msr_filter(ranges)
 
 
@@ -54,7 +54,7 @@ def test_denied_msr_read_is_answered_from_user_space_until_the_filter_is_removed
     cpu.set_msrs({SYSENTER_CS: 0x10, SYSENTER_ESP: 0x1234})
     e = cpu.run(timeout=5)
     assert isinstance(e, MsrExit) and not e.is_write and e.index == SYSENTER_CS
-    assert e.msr_reason == lib.KVM_MSR_EXIT_REASON_FILTER
+    assert e.msr_reason == MsrExitReason.FILTER
     e.data = 0xCAFE
     expect_out(cpu, 0x10, 0xCAFE)
     expect_out(cpu, 0x11, 0x1234)  # allowed: read by KVM without an exit
@@ -73,7 +73,7 @@ def test_denied_msr_write_reaches_user_space_with_the_value_and_not_the_msr(vm):
     cpu.set_msrs({SYSENTER_ESP: 0x5678})
     e = cpu.run(timeout=5)
     assert isinstance(e, MsrExit) and e.is_write and e.index == SYSENTER_ESP
-    assert e.msr_reason == lib.KVM_MSR_EXIT_REASON_FILTER and e.data == 0x9_11223344
+    assert e.msr_reason == MsrExitReason.FILTER and e.data == 0x9_11223344
     expect_out(cpu, 0x10, 0x5678)  # the write stayed in user space
     expect_out(cpu, 0x11, APIC_BASE_RESET)  # outside every range: KVM's answer, no exit
     assert isinstance(cpu.run(timeout=5), HltExit)
