@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-HEAVY = ("numpy", "tomllib", "pykvm.lab", "pykvm.host")
+HEAVY = ("numpy", "tomllib", "pykvm.lab", "pykvm.host", "pykvm.kvm.msr_filter", "pykvm.kvm.dirty_ring")
 
 
 @pytest.mark.parametrize("module", ["pykvm.vmm.cli", "pykvm.vmm.machine", "pykvm.vmm.pci.passthrough", "pykvm.vfio"])
