@@ -14,7 +14,8 @@ VFIO_GET_API_VERSION VFIO_CHECK_EXTENSION VFIO_SET_IOMMU
 VFIO_GROUP_GET_STATUS VFIO_GROUP_SET_CONTAINER VFIO_GROUP_UNSET_CONTAINER VFIO_GROUP_GET_DEVICE_FD
 VFIO_DEVICE_GET_INFO VFIO_DEVICE_GET_REGION_INFO VFIO_DEVICE_GET_IRQ_INFO VFIO_DEVICE_SET_IRQS
 VFIO_DEVICE_RESET VFIO_DEVICE_GET_PCI_HOT_RESET_INFO VFIO_DEVICE_PCI_HOT_RESET
-VFIO_IOMMU_GET_INFO VFIO_IOMMU_MAP_DMA VFIO_IOMMU_UNMAP_DMA
+VFIO_DEVICE_IOEVENTFD VFIO_DEVICE_FEATURE
+VFIO_IOMMU_GET_INFO VFIO_IOMMU_MAP_DMA VFIO_IOMMU_UNMAP_DMA VFIO_IOMMU_DIRTY_PAGES
 """.split()
 
 CONSTANTS = """
@@ -39,6 +40,13 @@ VFIO_IOMMU_INFO_PGSIZES VFIO_IOMMU_INFO_CAPS
 VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL
 VFIO_DMA_MAP_FLAG_READ VFIO_DMA_MAP_FLAG_WRITE VFIO_DMA_MAP_FLAG_VADDR
 VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP VFIO_DMA_UNMAP_FLAG_ALL VFIO_DMA_UNMAP_FLAG_VADDR
+VFIO_IOMMU_DIRTY_PAGES_FLAG_START VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP
+VFIO_DEVICE_IOEVENTFD_8 VFIO_DEVICE_IOEVENTFD_16 VFIO_DEVICE_IOEVENTFD_32 VFIO_DEVICE_IOEVENTFD_64
+VFIO_DEVICE_FEATURE_MASK VFIO_DEVICE_FEATURE_GET VFIO_DEVICE_FEATURE_SET VFIO_DEVICE_FEATURE_PROBE
+VFIO_DEVICE_FEATURE_PCI_VF_TOKEN VFIO_DEVICE_FEATURE_MIGRATION VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP
+VFIO_DEVICE_FEATURE_LOW_POWER_EXIT VFIO_DEVICE_FEATURE_DMA_LOGGING_START
+VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT
 PYKVM_HAVE_IOMMUFD_H PYKVM_HAVE_VFIO_CDEV
 EFD_CLOEXEC EFD_NONBLOCK EFD_SEMAPHORE
 """
@@ -81,6 +89,10 @@ struct vfio_pci_dependent_device { __u32 group_id; __u16 segment; __u8 bus; __u8
 struct vfio_pci_hot_reset_info {
     __u32 argsz; __u32 flags; __u32 count; struct vfio_pci_dependent_device devices[]; ...;
 };
+struct vfio_pci_hot_reset { __u32 argsz; __u32 flags; __u32 count; __s32 group_fds[]; ...; };
+
+struct vfio_device_ioeventfd { __u32 argsz; __u32 flags; __u64 offset; __u64 data; __s32 fd; ...; };
+struct vfio_device_feature { __u32 argsz; __u32 flags; __u8 data[]; ...; };
 
 struct vfio_iommu_type1_info { __u32 argsz; __u32 flags; __u64 iova_pgsizes; __u32 cap_offset; ...; };
 struct vfio_iova_range { __u64 start; __u64 end; ...; };
@@ -94,6 +106,9 @@ struct vfio_iommu_type1_info_dma_avail { struct vfio_info_cap_header header; __u
 
 struct vfio_iommu_type1_dma_map { __u32 argsz; __u32 flags; __u64 vaddr; __u64 iova; __u64 size; ...; };
 struct vfio_iommu_type1_dma_unmap { __u32 argsz; __u32 flags; __u64 iova; __u64 size; ...; };
+struct vfio_bitmap { __u64 pgsize; __u64 size; __u64 *data; ...; };
+struct vfio_iommu_type1_dirty_bitmap { __u32 argsz; __u32 flags; __u8 data[]; ...; };
+struct vfio_iommu_type1_dirty_bitmap_get { __u64 iova; __u64 size; struct vfio_bitmap bitmap; ...; };
 
 /* eventfd(2) for Pythons before 3.10 (no os.eventfd) */
 int eventfd(unsigned int initval, int flags);

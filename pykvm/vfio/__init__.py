@@ -11,7 +11,8 @@ Closing the container closes its groups, which close their devices.
 from pykvm._native import lib
 from pykvm.vfio.caps import CapabilityChainError
 from pykvm.vfio.container import Container, DmaMapping, IommuInfo, Migration
-from pykvm.vfio.device import Device, DeviceInfo, HotResetDependent
+from pykvm.vfio.device import Device, DeviceInfo, HotResetDependent, IoEventFd
+from pykvm.vfio.dirty import DirtyBitmap
 from pykvm.vfio.errors import VfioError, VfioUnavailableError
 from pykvm.vfio.eventfd import EventFd
 from pykvm.vfio.group import Group, GroupStatus
@@ -22,9 +23,9 @@ from pykvm.vfio.regions import Mmio, Region, RegionCaps, RegionInfo, RegionType,
 
 __all__ = [
     "lib", "CapabilityChainError", "Container", "DmaMapping", "DmaBatch", "IommuInfo", "Migration", "Device",
-    "DeviceInfo", "HotResetDependent", "VfioError", "VfioUnavailableError", "EventFd", "Group", "GroupStatus",
-    "DmaAllocator", "DmaBuffer", "IovaAllocator", "IrqInfo", "ConfigSpace", "MsixCap", "Mmio", "Region",
-    "RegionCaps", "RegionInfo", "RegionType", "SparseArea",
+    "DeviceInfo", "HotResetDependent", "IoEventFd", "DirtyBitmap", "VfioError", "VfioUnavailableError", "EventFd",
+    "Group", "GroupStatus", "DmaAllocator", "DmaBuffer", "IovaAllocator", "IrqInfo", "ConfigSpace", "MsixCap", "Mmio",
+    "Region", "RegionCaps", "RegionInfo", "RegionType", "SparseArea",
 ]
 
 

@@ -1,14 +1,15 @@
-"""A VFIO device fd: regions, interrupts, reset.
+"""A VFIO device fd: regions, interrupts, ioeventfds, features, reset.
 
-Obtained from :meth:`pykvm.vfio.group.Group.get_device`. Closing it makes
-vfio-pci disable its interrupts and reset it (when it can) for the next user.
+Obtained from :meth:`pykvm.vfio.group.Group.get_device`. Closing it removes its
+ioeventfds, then vfio-pci disables its interrupts and resets it (when it can) for
+the next user.
 """
 from __future__ import annotations
 
 import errno
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
@@ -20,9 +21,13 @@ from pykvm.vfio.pci import ConfigSpace
 from pykvm.vfio.regions import Mmio, Region, RegionCaps, RegionInfo, parse_region_caps
 
 if TYPE_CHECKING:
+    from pykvm.vfio.eventfd import EventFd
     from pykvm.vfio.group import Group
 
-__all__ = ["Device", "DeviceInfo", "HotResetDependent"]
+__all__ = ["Device", "DeviceInfo", "HotResetDependent", "IoEventFd"]
+
+_IOEVENTFD_SIZES = {1: lib.VFIO_DEVICE_IOEVENTFD_8, 2: lib.VFIO_DEVICE_IOEVENTFD_16,
+                    4: lib.VFIO_DEVICE_IOEVENTFD_32, 8: lib.VFIO_DEVICE_IOEVENTFD_64}
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,36 @@ class HotResetDependent:
     bdf: str
 
 
+class IoEventFd:
+    """A VFIO_DEVICE_IOEVENTFD registration made by :meth:`Device.ioeventfd`: while it is
+    active, each signal of ``eventfd`` makes the kernel write ``data`` (``size`` bytes) at
+    ``offset`` of region ``region``. ``remove()`` (or closing the device) undoes it; the
+    eventfd itself stays its owner's."""
+
+    def __init__(self, device: "Device", region: int, offset: int, data: int, size: int,
+                 eventfd: Union[int, "EventFd"]):
+        self.device, self.region, self.offset, self.data, self.size = device, region, offset, data, size
+        self.eventfd = eventfd
+        self.active = False
+
+    def remove(self) -> None:
+        """Unregister (idempotent): signals of the eventfd no longer reach the device."""
+        if self.active:
+            self.active = False
+            self.device._ioeventfds.remove(self)
+            self.device._set_ioeventfd(self, -1)
+
+    def __enter__(self) -> "IoEventFd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"<IoEventFd region {self.region} offset {self.offset:#x} data {self.data:#x} size {self.size}"
+                f"{'' if self.active else ' removed'}>")
+
+
 class Device(FdObject):
     """An open VFIO device. ``name`` is its PCI address."""
 
@@ -62,6 +97,7 @@ class Device(FdObject):
         self._info: Optional[DeviceInfo] = None
         self._config: Optional[ConfigSpace] = None
         self._mmaps: "weakref.WeakSet[Mmio]" = weakref.WeakSet()
+        self._ioeventfds: List[IoEventFd] = []
 
     @property
     def info(self) -> DeviceInfo:
@@ -150,6 +186,56 @@ class Device(FdObject):
                                            + (" (NORESIZE: disable the index and set all vectors at once)"
                                               if info.noresize else ""), "VFIO_DEVICE_SET_IRQS") from None
 
+    # -- ioeventfds and features ---------------------------------------------
+    def ioeventfd(self, region: int, offset: int, data: int, size: int, eventfd: Union[int, "EventFd"]) -> IoEventFd:
+        """VFIO_DEVICE_IOEVENTFD: when ``eventfd`` (an fd or an :class:`EventFd`) is signalled,
+        the kernel writes ``data`` (``size``: 1, 2, 4 or 8 bytes) at ``offset`` of region
+        ``region``, with no return to user space. Given the same eventfd, KVM_IOEVENTFD takes a
+        guest's doorbell write straight to the device. vfio-pci accepts BARs only, outside the
+        MSI-X table; one registration per (offset, data, size)."""
+        reg = IoEventFd(self, region, offset, data, size, eventfd)
+        self._set_ioeventfd(reg, eventfd if isinstance(eventfd, int) else eventfd.fileno())
+        reg.active = True
+        self._ioeventfds.append(reg)
+        return reg
+
+    def _set_ioeventfd(self, reg: IoEventFd, fd: int) -> None:
+        """Register ``reg`` on ``fd``, or remove it (-1: the kernel matches offset, data and size)."""
+        if reg.size not in _IOEVENTFD_SIZES:
+            raise vfio_error(errno.EINVAL, f"an ioeventfd writes 1, 2, 4 or 8 bytes, not {reg.size}",
+                             "VFIO_DEVICE_IOEVENTFD")
+        region = self.region(reg.region)
+        arg = ffi.new("struct vfio_device_ioeventfd *")
+        arg.argsz, arg.flags = ffi.sizeof(arg[0]), _IOEVENTFD_SIZES[reg.size]
+        arg.offset, arg.data, arg.fd = region.info.offset + reg.offset, reg.data, fd
+        try:
+            self._ioctl("VFIO_DEVICE_IOEVENTFD", arg)
+        except VfioError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise vfio_error(errno.EINVAL, f"{self.name}: no ioeventfd for a {reg.size}-byte write at {reg.offset:#x} "
+                                           f"of region {reg.region} ({region.size:#x} bytes): vfio-pci takes them "
+                                           "inside a BAR (regions 0-5) and outside the MSI-X table only, on an "
+                                           "eventfd", "VFIO_DEVICE_IOEVENTFD") from None
+
+    def probe_feature(self, feature: int, get: bool = False, set: bool = False) -> bool:
+        """VFIO_DEVICE_FEATURE with PROBE: does the device support ``feature``
+        (``lib.VFIO_DEVICE_FEATURE_*``), with GET and/or SET when asked? The kernel answers 0,
+        ENOTTY for a feature the device lacks, EINVAL for an operation the feature lacks."""
+        if not 0 <= feature <= lib.VFIO_DEVICE_FEATURE_MASK:
+            raise vfio_error(errno.EINVAL, f"feature {feature:#x} is not a 16-bit feature index", "VFIO_DEVICE_FEATURE")
+        arg = ffi.new("struct vfio_device_feature *")
+        arg.argsz = ffi.sizeof(arg[0])
+        arg.flags = (feature | lib.VFIO_DEVICE_FEATURE_PROBE | (lib.VFIO_DEVICE_FEATURE_GET if get else 0)
+                     | (lib.VFIO_DEVICE_FEATURE_SET if set else 0))
+        try:
+            self._ioctl("VFIO_DEVICE_FEATURE", arg)
+        except VfioError as exc:
+            if exc.errno == errno.ENOTTY or (exc.errno == errno.EINVAL and (get or set)):
+                return False
+            raise
+        return True
+
     # -- reset -------------------------------------------------------------
     def reset(self) -> None:
         """VFIO_DEVICE_RESET: function-level (or equivalent) reset of this device alone."""
@@ -180,7 +266,35 @@ class Device(FdObject):
                 out.append(HotResetDependent(d.group_id, f"{d.segment:04x}:{d.bus:02x}:{d.devfn >> 3:02x}.{d.devfn & 7}"))
             return out
 
+    def hot_reset(self, groups: Sequence["Group"]) -> None:
+        """VFIO_DEVICE_PCI_HOT_RESET: reset this device's slot or bus, and so every device
+        :meth:`hot_reset_info` lists; vfio-pci saves and restores their config space around it.
+        The kernel wants proof that the caller owns them all: ``groups`` must hold an open
+        group of each, and no more groups than there are devices."""
+        fds = [g.fileno() for g in groups]
+        ctype = "struct vfio_pci_hot_reset"
+        raw = bytearray(max(ffi.sizeof(ctype), ffi.offsetof(ctype, "group_fds") + len(fds) * ffi.sizeof("__s32")))
+        arg = ffi.from_buffer(ctype + " *", raw)
+        arg.argsz, arg.count = len(raw), len(fds)
+        for i, fd in enumerate(fds):
+            arg.group_fds[i] = fd
+        try:
+            self._ioctl("VFIO_DEVICE_PCI_HOT_RESET", arg)
+        except VfioError as exc:
+            if exc.errno == errno.ENODEV:
+                why = "the kernel can reset neither its slot nor its bus (a root bus has no bridge to reset it)"
+            elif exc.errno == errno.EINVAL:
+                deps = self.hot_reset_info()
+                why = (f"the reset takes along {len(deps)} device(s) of group(s) {sorted({d.group for d in deps})}: "
+                       f"pass an open group of each, at most one per device (passed: {[g.number for g in groups]})")
+            else:
+                raise
+            raise vfio_error(exc.errno, f"{self.name}: no hot reset: {why}", "VFIO_DEVICE_PCI_HOT_RESET") from None
+
     def _release(self) -> None:
+        # Stop the kernel's writes before the fd goes (an mmap kept alive would keep them going).
+        for reg in list(self._ioeventfds):
+            reg.remove()
         # Unmap the BARs we mapped: a live mapping would keep the device open in the kernel.
         for mm in list(self._mmaps):
             try:
