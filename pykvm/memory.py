@@ -164,6 +164,12 @@ class MemoryRegion:
             os.close(self._fd)
             self._fd = -1
 
+    def __enter__(self) -> "MemoryRegion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class GuestMemory:
     """Guest RAM as a set of non-overlapping regions addressed by GPA."""

@@ -177,6 +177,18 @@ def test_11_msr_filter_sends_denied_accesses_to_the_host(kvm):
                    "guest halted")
 
 
+@pytest.mark.kvm
+def test_12_dirty_ring_harvests_the_pages_written_per_round(kvm):
+    out = output_of("12_dirty_ring.py")
+    lines_in_order(out,
+                   "before running: harvested []",
+                   "round 1: harvested pages [1, 4, 9]",
+                   "round 1: KVM_RESET_DIRTY_RINGS reset 3 entries",
+                   "round 2: harvested pages [4, 15]",
+                   "round 2: KVM_RESET_DIRTY_RINGS reset 2 entries",
+                   "asked again: harvested []")
+
+
 def example_files() -> List[Path]:
     return sorted(EXAMPLES.glob("[01][0-9]_*.py"))  # 2x: VFIO examples, tested with the lab
 

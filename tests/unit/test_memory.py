@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykvm.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from pykvm.memory import PAGE_SIZE, GuestMemory, GuestMemoryError, MemoryRegion
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,11 @@ def test_host_address_is_stable_and_memfd_has_an_fd(mem):
     high = mem.region_for(0x100000)
     assert high.fd >= 0
     assert mem.host_address(0x100010) == high.host_address + 0x10
+
+
+def test_a_region_is_a_context_manager_that_unmaps_on_exit():
+    with MemoryRegion(0, 0x2000, name="ctx") as r:
+        r.buffer[0:2] = b"ok"
+        assert bytes(r.buffer[0:2]) == b"ok"
+    with pytest.raises(GuestMemoryError, match="closed"):
+        r.buffer
