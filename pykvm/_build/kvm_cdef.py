@@ -37,6 +37,7 @@ KVM_TRANSLATE KVM_NMI KVM_INTERRUPT KVM_GET_TSC_KHZ KVM_SET_TSC_KHZ KVM_SET_SIGN
 KVM_SET_BOOT_CPU_ID KVM_X86_SET_MSR_FILTER KVM_GET_STATS_FD
 KVM_GET_SREGS2 KVM_SET_SREGS2 KVM_GET_XSAVE2 KVM_X86_GET_MCE_CAP_SUPPORTED KVM_X86_SETUP_MCE KVM_X86_SET_MCE
 KVM_KVMCLOCK_CTRL KVM_SMI KVM_REINJECT_CONTROL KVM_SET_PMU_EVENT_FILTER KVM_RESET_DIRTY_RINGS
+KVM_GET_NESTED_STATE KVM_SET_NESTED_STATE KVM_GET_SUPPORTED_HV_CPUID
 """.split()
 
 CONSTANTS = """
@@ -46,6 +47,10 @@ KVM_EXIT_IO_IN KVM_EXIT_IO_OUT KVM_MSR_FILTER_MAX_BITMAP_SIZE KVM_IOAPIC_NUM_PIN
 KVM_SREGS2_FLAGS_PDPTRS_VALID KVM_MSR_FILTER_MAX_RANGES KVM_MSR_FILTER_READ KVM_MSR_FILTER_WRITE
 KVM_MSR_FILTER_DEFAULT_ALLOW KVM_MSR_FILTER_DEFAULT_DENY KVM_PMU_EVENT_ALLOW KVM_PMU_EVENT_DENY
 KVM_DIRTY_LOG_PAGE_OFFSET KVM_DIRTY_GFN_F_DIRTY KVM_DIRTY_GFN_F_RESET
+KVM_STATE_NESTED_FORMAT_VMX KVM_STATE_NESTED_FORMAT_SVM KVM_STATE_NESTED_GUEST_MODE
+KVM_STATE_NESTED_RUN_PENDING KVM_STATE_NESTED_EVMCS KVM_STATE_NESTED_MTF_PENDING KVM_STATE_NESTED_GIF_SET
+KVM_STATE_NESTED_SMM_GUEST_MODE KVM_STATE_NESTED_SMM_VMXON KVM_STATE_NESTED_VMX_VMCS_SIZE
+KVM_STATE_NESTED_SVM_VMCB_SIZE
 """.split()
 
 
@@ -175,6 +180,19 @@ struct kvm_stats_header {
     __u32 flags; __u32 name_size; __u32 num_desc; __u32 id_offset; __u32 desc_offset; __u32 data_offset; ...;
 };
 struct kvm_stats_desc { __u32 flags; int16_t exponent; __u16 size; __u32 offset; __u32 bucket_size; char name[]; ...; };
+/* KVM_GET/SET_NESTED_STATE: a 128-byte header, then ``size`` - 128 bytes of vendor data (the
+   flexible ``data`` union: vmcs12 + shadow vmcs12, or vmcb12), left out here. The vendor
+   headers are declared whole (cffi cannot leave an anonymous union of partial structs to the
+   compiler); cffi checks them against the compiler's layout. */
+struct kvm_vmx_nested_state_hdr {
+    __u64 vmxon_pa; __u64 vmcs12_pa; struct { __u16 flags; } smm; __u16 pad; __u32 flags;
+    __u64 preemption_timer_deadline;
+};
+struct kvm_svm_nested_state_hdr { __u64 vmcb_pa; };
+struct kvm_nested_state {
+    __u16 flags; __u16 format; __u32 size;
+    union { struct kvm_vmx_nested_state_hdr vmx; struct kvm_svm_nested_state_hdr svm; __u8 pad[120]; } hdr; ...;
+};
 struct kvm_debug_exit_arch { __u32 exception; __u32 pad; __u64 pc; __u64 dr6; __u64 dr7; };
 
 struct kvm_run {

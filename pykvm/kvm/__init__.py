@@ -15,13 +15,14 @@ __all__ = [
     "HltExit", "ShutdownExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit", "DebugExit",
     "IrqWindowOpenExit", "MsrExit", "HypercallExit", "DirtyRingFullExit", "InterruptedExit", "UnknownExit",
     "KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase", "MsrAccess", "MsrFilterRange", "MsrExitReason",
-    "DirtyRing", "DirtyPage",
+    "DirtyRing", "DirtyPage", "NestedState", "NestedFormat", "NestedFlag", "VmxSmmFlag",
 ]
 
 # Names whose modules load on first use (``Vm.stats()`` & co. import them too): `import pykvm.kvm`,
 # and so `pykvm run`, loads none of them; pykvm.kvm.caps builds ``Cap`` on first use as well.
 _LAZY = {"Cap": "caps", "MsrAccess": "msr_filter", "MsrFilterRange": "msr_filter", "MsrExitReason": "msr_filter",
          "DirtyRing": "dirty_ring", "DirtyPage": "dirty_ring",
+         **{name: "nested" for name in ("NestedState", "NestedFormat", "NestedFlag", "VmxSmmFlag")},
          **{name: "stats" for name in ("KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase")}}
 
 

@@ -27,6 +27,13 @@ class Struct:
         """The zeroed ``ctype *`` this object wraps."""
         return ffi.new(self.ctype + " *")
 
+    def _allocate_bytes(self, nbytes: int) -> Any:
+        """A zeroed ``ctype *`` at the start of ``nbytes`` owned bytes: for structs whose
+        flexible tail the kernel fills beyond ``sizeof(ctype)``."""
+        buf = ffi.new("char[]", nbytes)
+        object.__setattr__(self, "_buf", buf)  # owns the memory ``ptr`` points into
+        return ffi.cast(self.ctype + " *", buf)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -175,9 +182,7 @@ class Xsave(Struct):
         super().__init__(**fields)
 
     def _allocate(self) -> Any:
-        buf = ffi.new("char[]", self.size)
-        object.__setattr__(self, "_buf", buf)  # owns the memory ``ptr`` points into
-        return ffi.cast(self.ctype + " *", buf)
+        return self._allocate_bytes(self.size)
 
     def to_bytes(self) -> bytes:
         return bytes(ffi.buffer(self.ptr, self.size))

@@ -97,6 +97,12 @@ class Kvm(FdObject):
         """KVM_GET_EMULATED_CPUID: bits KVM emulates (possibly slowly), e.g. MOVBE."""
         return self._cpuid("KVM_GET_EMULATED_CPUID")
 
+    def supported_hv_cpuid(self) -> List[CpuidEntry]:
+        """KVM_GET_SUPPORTED_HV_CPUID: the Hyper-V leaves (0x40000000 and up, vendor "Linux KVM
+        Hv") KVM can emulate, for a VMM that shows a Windows guest a Hyper-V host to pick its
+        enlightenments from and pass to ``Vcpu.set_cpuid2``. Needs KVM_CAP_SYS_HYPERV_CPUID."""
+        return self._cpuid("KVM_GET_SUPPORTED_HV_CPUID")
+
     def _msr_list(self, name: str) -> List[int]:
         c = ffi.new("struct kvm_msr_list *", {"nmsrs": _MSR_MAX, "indices": _MSR_MAX})
         self._ioctl(name, c)

@@ -25,6 +25,7 @@ from pykvm.kvm.regs import (CpuidEntry, DebugRegs, Fpu, Lapic, Regs, Sregs, Sreg
 
 if TYPE_CHECKING:
     from pykvm.kvm.dirty_ring import DirtyRing
+    from pykvm.kvm.nested import NestedState
     from pykvm.kvm.stats import KvmStats
 
 if lib.pykvm_install_kick_handler() != 0:  # pragma: no cover - sigaction cannot fail for a valid signal
@@ -396,6 +397,28 @@ class Vcpu(FdObject):
         so the guest's lockup detectors do not fire over the time it did not run.
         EINVAL until the guest has enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW)."""
         self._ioctl("KVM_KVMCLOCK_CTRL")
+
+    def get_nested_state(self) -> "NestedState":
+        """KVM_GET_NESTED_STATE: the VMX/SVM state of a guest that is itself a hypervisor, which
+        no register or MSR ioctl shows (see pykvm.kvm.nested), for saving with the rest.
+
+        The buffer has the KVM_CAP_NESTED_STATE bytes the VM reports, the most KVM ever
+        writes; KVM sets ``size`` to what it wrote. EINVAL where KVM has no nested support
+        (the capability is 0)."""
+        from pykvm.kvm.nested import NestedState
+
+        state = NestedState(self.vm.check_extension(lib.KVM_CAP_NESTED_STATE))
+        state.size = state.capacity
+        return self._get("KVM_GET_NESTED_STATE", state)
+
+    def set_nested_state(self, state: "NestedState") -> None:
+        """KVM_SET_NESTED_STATE: give back what ``get_nested_state()`` returned, after the
+        registers, MSRs and CPUID. KVM checks it against them: EINVAL for another vendor's
+        format, a ``size`` below the header, flags the vCPU cannot have (on SVM with EFER.SVME
+        clear, anything but GIF_SET) or GUEST_MODE without the VMCB12/VMCS12 it needs."""
+        if state.size > state.capacity:  # KVM would read past the buffer
+            raise ValueError(f"size {state.size} is larger than the state's {state.capacity}-byte buffer")
+        self._ioctl("KVM_SET_NESTED_STATE", state.ptr)
 
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest TSC frequency."""

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-HEAVY = ("numpy", "tomllib", "pykvm.lab", "pykvm.host", "pykvm.kvm.msr_filter", "pykvm.kvm.dirty_ring")
+HEAVY = ("numpy", "tomllib", "pykvm.lab", "pykvm.host", "pykvm.kvm.msr_filter", "pykvm.kvm.dirty_ring",
+         "pykvm.kvm.nested")
 
 
 @pytest.mark.parametrize("module", ["pykvm.vmm.cli", "pykvm.vmm.machine", "pykvm.vmm.pci.passthrough", "pykvm.vfio"])
