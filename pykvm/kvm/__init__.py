@@ -5,8 +5,8 @@ from pykvm.kvm.exits import (DebugExit, DirtyRingFullExit, Exit, ExitReason, Fai
                              MmioExit, MsrExit, ShutdownExit, SystemEventExit, UnknownExit)
 from pykvm.kvm.regs import CpuidEntry, FieldView, Regs, Sregs, Sregs2, Xsave
 from pykvm.kvm.system import Kvm
-from pykvm.kvm.vcpu import GuestDebug, McgStatus, MciStatus, MpState, Vcpu
-from pykvm.kvm.vm import IrqchipRoute, MemFlag, MsiRoute, PmuEventAction, Vm
+from pykvm.kvm.vcpu import GuestDebug, MpState, Vcpu
+from pykvm.kvm.vm import IrqchipRoute, MemFlag, MsiRoute, Vm
 
 __all__ = [
     "Kvm", "Vm", "Vcpu", "DeviceFd", "Cap", "CpuidEntry", "Regs", "Sregs", "Sregs2", "Xsave", "FieldView",
@@ -21,7 +21,8 @@ __all__ = [
 # Names whose modules load on first use (``Vm.stats()`` & co. import them too): `import pykvm.kvm`,
 # and so `pykvm run`, loads none of them; pykvm.kvm.caps builds ``Cap`` on first use as well.
 _LAZY = {"Cap": "caps", "MsrAccess": "msr_filter", "MsrFilterRange": "msr_filter", "MsrExitReason": "msr_filter",
-         "DirtyRing": "dirty_ring", "DirtyPage": "dirty_ring",
+         "DirtyRing": "dirty_ring", "DirtyPage": "dirty_ring", "McgStatus": "mce", "MciStatus": "mce",
+         "PmuEventAction": "pmu",
          **{name: "nested" for name in ("NestedState", "NestedFormat", "NestedFlag", "VmxSmmFlag")},
          **{name: "stats" for name in ("KvmStats", "StatDesc", "StatType", "StatUnit", "StatBase")}}
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 if lib.pykvm_install_kick_handler() != 0:  # pragma: no cover - sigaction cannot fail for a valid signal
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
 KICK_SIGNAL = lib.pykvm_kick_signal()
+MCG_STATUS_MCIP_RIPV = 0b101  # McgStatus.MCIP | McgStatus.RIPV (pykvm.kvm.mce, not loaded by the run path)
 _SIGSET_BYTES = 8  # the kernel's sigset_t on x86-64 (64 signals); KVM_SET_SIGNAL_MASK wants exactly this
 
 
@@ -65,24 +66,6 @@ class GuestDebug(enum.IntFlag):
     BLOCKIRQ = lib.KVM_GUESTDBG_BLOCKIRQ
 
 
-class McgStatus(enum.IntFlag):
-    """IA32_MCG_STATUS bits, the ``mcg_status`` of ``Vcpu.set_mce``."""
-
-    RIPV = 1 << 0  # the guest can resume at the saved RIP
-    EIPV = 1 << 1  # the saved RIP points at the instruction that caused the error
-    MCIP = 1 << 2  # machine check in progress (a second #MC meanwhile is a shutdown)
-
-
-class MciStatus(enum.IntFlag):
-    """IA32_MCi_STATUS bits, the ``status`` of ``Vcpu.set_mce``."""
-
-    PCC = 1 << 57  # processor context corrupt
-    ADDRV = 1 << 58  # MCi_ADDR holds the address
-    MISCV = 1 << 59  # MCi_MISC holds more information
-    EN = 1 << 60  # reporting enabled for this error
-    UC = 1 << 61  # uncorrected: KVM raises #MC in the guest
-    OVER = 1 << 62  # an earlier error in the bank was overwritten
-    VAL = 1 << 63  # the register holds an error
 
 
 def _kvm_signal_mask(signals: Iterable[int]) -> Any:
@@ -379,9 +362,11 @@ class Vcpu(FdObject):
         self._ioctl("KVM_X86_SETUP_MCE", ffi.new("__u64 *", mcg_cap))
 
     def set_mce(self, bank: int, status: int, addr: int = 0, misc: int = 0,
-                mcg_status: int = McgStatus.MCIP | McgStatus.RIPV) -> None:
+                mcg_status: int = MCG_STATUS_MCIP_RIPV) -> None:
         """KVM_X86_SET_MCE: report a machine-check error in ``bank`` as the hardware would.
 
+        ``status`` and ``mcg_status`` take the bits of pykvm.kvm.mce (``MciStatus``,
+        ``McgStatus``); the default says a #MC is in progress and the guest may resume.
         An uncorrected error (``MciStatus.UC``) fills MCi_STATUS/ADDR/MISC, sets
         IA32_MCG_STATUS to ``mcg_status`` and queues #MC; a guest with CR4.MCE clear or
         already handling one (MCG_STATUS.MCIP) is shut down instead, as on hardware. A

@@ -32,11 +32,6 @@ class IrqChipId(enum.IntEnum):
     IOAPIC = lib.KVM_IRQCHIP_IOAPIC
 
 
-class PmuEventAction(enum.IntEnum):
-    """KVM_PMU_EVENT_*: whether a PMU event filter lists the events allowed or those denied."""
-
-    ALLOW = lib.KVM_PMU_EVENT_ALLOW
-    DENY = lib.KVM_PMU_EVENT_DENY
 
 
 class MemorySlot:
@@ -410,7 +405,7 @@ class Vm(FdObject):
     def set_pmu_event_filter(self, action: int, events: Iterable[int], fixed_counter_bitmap: int = 0) -> None:
         """KVM_SET_PMU_EVENT_FILTER: which events the guest's vPMU counters may count. ``events``
         are raw event selects (event bits 0-7 and 32-35, unit mask << 8); with
-        ``PmuEventAction.ALLOW`` only those count, with DENY all others; bit i of
+        ``PmuEventAction.ALLOW`` (pykvm.kvm.pmu) only those count, with DENY all others; bit i of
         ``fixed_counter_bitmap`` names fixed counter i the same way. KVM checks it when the guest
         programs a counter, so a guest cannot measure what the host keeps from it. Replaces the
         previous filter (DENY with no events allows everything)."""

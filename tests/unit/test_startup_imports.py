@@ -8,7 +8,7 @@ import sys
 import pytest
 
 HEAVY = ("numpy", "tomllib", "pykvm.lab", "pykvm.host", "pykvm.kvm.msr_filter", "pykvm.kvm.dirty_ring",
-         "pykvm.kvm.nested")
+         "pykvm.kvm.mce", "pykvm.kvm.pmu", "pykvm.kvm.nested")
 
 
 @pytest.mark.parametrize("module", ["pykvm.vmm.cli", "pykvm.vmm.machine", "pykvm.vmm.pci.passthrough", "pykvm.vfio"])
