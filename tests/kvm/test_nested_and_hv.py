@@ -11,7 +11,6 @@ import struct
 import pytest
 
 from pykvm._native import lib
-from pykvm.errors import ClosedError
 from pykvm.kvm import Cap, HltExit
 from pykvm.kvm.nested import NestedFlag, NestedFormat, NestedState, VmxSmmFlag
 from tests.kvm.guests import CODE, HLT, real_mode_vcpu
@@ -152,18 +151,3 @@ def test_supported_hv_cpuid_reports_the_kvm_hyperv_leaves(kvm, vm):
     assert isinstance(cpu.run(timeout=5), HltExit)
     r = cpu.get_regs()
     assert (r.rsi, r.rbx, r.rcx, r.rdx) == (0x31237648, top.ebx, top.ecx, top.edx)
-
-
-@pytest.mark.parametrize("call", [lambda c: c.get_nested_state(), lambda c: c.set_nested_state(NestedState())],
-                         ids=["get_nested_state", "set_nested_state"])
-def test_closed_vcpu_raises_closed_error(vm, call):
-    cpu = vm.create_vcpu(0)
-    cpu.close()
-    with pytest.raises(ClosedError):
-        call(cpu)
-
-
-def test_closed_kvm_raises_closed_error(kvm):
-    kvm.close()
-    with pytest.raises(ClosedError):
-        kvm.supported_hv_cpuid()

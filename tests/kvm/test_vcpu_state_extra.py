@@ -1,4 +1,5 @@
-"""SREGS2, XSAVE2, machine checks, KVMCLOCK_CTRL, the KVM_RUN signal mask and SMI on the real /dev/kvm."""
+"""SREGS2, XSAVE2, machine checks, KVMCLOCK_CTRL, the KVM_RUN signal mask and SMI on the real /dev/kvm
+(and every new vCPU/system method refusing a closed object)."""
 from __future__ import annotations
 
 import errno
@@ -14,6 +15,7 @@ from pykvm.errors import ClosedError, KvmError
 from pykvm.kvm import Cap, HltExit, InterruptedExit, IoExit
 from pykvm.kvm.regs import Sregs2, Xsave
 from pykvm.kvm.mce import McgStatus, MciStatus
+from pykvm.kvm.nested import NestedState
 from pykvm.kvm.vcpu import KICK_SIGNAL, MCG_STATUS_MCIP_RIPV
 from tests.kvm.guests import CODE, HLT, JMP_SELF, real_mode_vcpu
 
@@ -271,8 +273,10 @@ def test_smi_becomes_pending(kvm, vm):
 @pytest.mark.parametrize("call", [
     lambda c: c.get_sregs2(), lambda c: c.set_sregs2(Sregs2()), lambda c: c.get_xsave2(),
     lambda c: c.setup_mce(1), lambda c: c.set_mce(0, MciStatus.VAL), lambda c: c.kvmclock_ctrl(),
-    lambda c: c.set_signal_mask(None), lambda c: c.smi(),
-], ids=["get_sregs2", "set_sregs2", "get_xsave2", "setup_mce", "set_mce", "kvmclock_ctrl", "set_signal_mask", "smi"])
+    lambda c: c.set_signal_mask(None), lambda c: c.smi(), lambda c: c.get_nested_state(),
+    lambda c: c.set_nested_state(NestedState()),
+], ids=["get_sregs2", "set_sregs2", "get_xsave2", "setup_mce", "set_mce", "kvmclock_ctrl", "set_signal_mask", "smi",
+        "get_nested_state", "set_nested_state"])
 def test_closed_vcpu_raises_closed_error(vm, call):
     cpu = vm.create_vcpu(0)
     cpu.close()
@@ -280,7 +284,9 @@ def test_closed_vcpu_raises_closed_error(vm, call):
         call(cpu)
 
 
-def test_closed_kvm_raises_closed_error(kvm):
+@pytest.mark.parametrize("call", [lambda k: k.mce_cap_supported(), lambda k: k.supported_hv_cpuid()],
+                         ids=["mce_cap_supported", "supported_hv_cpuid"])
+def test_closed_kvm_raises_closed_error(kvm, call):
     kvm.close()
     with pytest.raises(ClosedError):
-        kvm.mce_cap_supported()
+        call(kvm)
