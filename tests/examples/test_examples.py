@@ -189,6 +189,17 @@ def test_12_dirty_ring_harvests_the_pages_written_per_round(kvm):
                    "asked again: harvested []")
 
 
+@pytest.mark.kvm
+def test_13_machine_check_reaches_the_guest_handler(kvm):
+    out = output_of("13_machine_check.py")
+    assert re.search(r"^KVM_X86_SETUP_MCE: IA32_MCG_CAP 0x[0-9a-f]+ \(\d+ banks\)$", out, re.M)
+    lines_in_order(out,
+                   "corrected error: no #MC (the guest ran on to its next hlt, rip 0x1002); "
+                   "KVM_GET_MSRS: MC0_STATUS ADDRV|EN|VAL code 0x0005",
+                   "uncorrected error: the guest's #MC handler read MC0_STATUS ADDRV|EN|UC|OVER|VAL code 0x0134, "
+                   "MC0_ADDR 0x7f000, MCG_STATUS 0x5 (MCIP|RIPV)")
+
+
 def example_files() -> List[Path]:
     return sorted(EXAMPLES.glob("[01][0-9]_*.py"))  # 2x: VFIO examples, tested with the lab
 
