@@ -18,7 +18,7 @@ uncorrected one then raises #MC, and its status has OVER set: the bank still hel
 Run: python3 examples/13_machine_check.py
 """
 from _guest import expect, new_guest, start_real_mode
-from pykvm.kvm import Cap, HltExit, Kvm, MciStatus
+from pykvm.kvm import Cap, HltExit, MciStatus
 
 CODE_GPA = 0x1000
 HANDLER_GPA = 0x1100
@@ -60,8 +60,7 @@ def main() -> None:
         if not banks:
             print("this KVM emulates no machine-check banks (KVM_CAP_MCE is 0)")
             raise SystemExit(77)
-        with Kvm() as kvm:
-            mcg_cap = (kvm.mce_cap_supported() & ~0xFF) | banks
+        mcg_cap = (g.kvm.mce_cap_supported() & ~0xFF) | banks
         g.vcpu.setup_mce(mcg_cap)
         print(f"KVM_X86_SETUP_MCE: IA32_MCG_CAP {mcg_cap:#x} ({banks} banks)")
         g.mem.write(CODE_GPA, MAIN)
