@@ -22,6 +22,11 @@ read-only in L1, so without a cache every run would compile pykvm from source.
 same modules through PYTHONPATH): every Python start here runs the ``.pth`` hooks found
 in site-packages, among them one this sandbox adds (it imports certifi), which a user's
 machine does not have; the row shows what they cost.
+"pykvm run (Debian's python3)" is the same checkout, byte-compiled, run by the distribution's
+own interpreter (``/usr/bin/python3``, with ``_cffi_backend`` from python3-cffi-backend) instead
+of the one running this script (here a pyenv build: a shared libpython, no PGO/LTO, the
+sandbox's ``.pth`` hook): what ``apt install python3`` gives a Debian user. The row is left
+out, with a note, where that interpreter cannot load pykvm's extension.
 For pykvm the report also gives the median time from process start to the first
 vCPU entry (its --stats), i.e. how the time splits into VMM start-up and guest.
 
@@ -113,6 +118,21 @@ def no_site_env(warm: Dict[str, str]) -> Dict[str, str]:
     return dict(warm, PYTHONPATH=os.pathsep.join([ROOT, *site.getsitepackages()]))
 
 
+def distribution_python(warm: Dict[str, str]) -> Optional[Tuple[str, Dict[str, str]]]:
+    """The distribution's own ``/usr/bin/python3`` and an environment in which it runs this
+    checkout byte-compiled, if it is another interpreter that can load pykvm's extension
+    (same Python version, ``_cffi_backend`` from python3-cffi-backend); else None."""
+    python = "/usr/bin/python3"
+    if not os.path.exists(python) or os.path.realpath(python) == os.path.realpath(sys.executable):
+        return None
+    env = dict(warm, PYTHONPATH=ROOT)
+    if subprocess.run([python, "-c", "import pykvm._native"], env=env, cwd="/", capture_output=True).returncode:
+        return None
+    subprocess.run([python, "-m", "compileall", "-q", os.path.join(ROOT, "pykvm")], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return python, env
+
+
 def cold_bytecode_env() -> Dict[str, str]:
     """An environment whose Python compiles pykvm from source on every start."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -121,6 +141,7 @@ def cold_bytecode_env() -> Dict[str, str]:
 
 
 PHASES = ("firmware", "decompressor", "kernel")
+DISTRO_ROW = "pykvm run (Debian's python3)"
 
 
 def traced_time_to_marker(argv: List[str], env: Optional[Dict[str, str]], stderr_path: str) -> Tuple[float, dict]:
@@ -184,6 +205,12 @@ def main() -> None:
             "pykvm run (no bytecode)": (pykvm_argv, cold_bytecode_env()),
             "pykvm run (python -S)": ([pykvm_argv[0], "-S", *pykvm_argv[1:]], no_site_env(warm)),
         }
+        distro = distribution_python(warm)
+        if distro is not None:
+            variants[DISTRO_ROW] = ([distro[0], *pykvm_argv[1:]], distro[1])
+        else:
+            print(f"bench: no '{DISTRO_ROW}' row: /usr/bin/python3 is this interpreter, or cannot load pykvm's "
+                  "extension (another Python version, or no python3-cffi-backend)", flush=True)
         times: Dict[str, List[float]] = {name: [] for name in variants}
         entries: Dict[str, List[float]] = {}
         phases: Dict[str, List[dict]] = {name: [] for name in variants}
@@ -209,7 +236,7 @@ def main() -> None:
         print_phases(phases)
     report(f"Boot to the guest marker in L2 (Debian {os.uname().release}, {MEMORY}, {args.cpus} vCPU, "
            f"median of {args.rounds}; load {os.getloadavg()[0]:.2f})",
-           "qemu -accel kvm -cpu host", results, "s", {"pykvm run": 1.0},
+           "qemu -accel kvm -cpu host", results, "s", {"pykvm run": 1.0, DISTRO_ROW: 1.0},
            extra={"rounds": times, "first_vcpu_entry": entries, "phases": phases if args.phases else None,
                   "cmdline": CMDLINE}, json_path=args.json)
 
