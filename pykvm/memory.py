@@ -67,6 +67,7 @@ class MemoryRegion:
         self.name = name
         self.readonly = readonly
         self._mm = None
+        self._view = None
         self._fd = -1
 
         align = HUGE_PAGE_SIZE if self.backing == "hugetlb" else PAGE_SIZE

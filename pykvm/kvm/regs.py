@@ -312,18 +312,15 @@ class CpuidEntry:
     __eq__ = record_eq
 
 
-_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
-
-
 def cpuid_to_c(entries: Iterable[CpuidEntry]) -> Any:
     """Pack entries into a ``struct kvm_cpuid2`` with its flexible array."""
     entries = list(entries)
     c = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
     for i, e in enumerate(entries):
-        for f in _CPUID_FIELDS:
+        for f in CpuidEntry.__slots__:
             setattr(c.entries[i], f, getattr(e, f))
     return c
 
 
 def cpuid_from_c(c: Any) -> List[CpuidEntry]:
-    return [CpuidEntry(*(getattr(c.entries[i], f) for f in _CPUID_FIELDS)) for i in range(c.nent)]
+    return [CpuidEntry(*(getattr(c.entries[i], f) for f in CpuidEntry.__slots__)) for i in range(c.nent)]

@@ -66,8 +66,6 @@ class GuestDebug(enum.IntFlag):
     BLOCKIRQ = lib.KVM_GUESTDBG_BLOCKIRQ
 
 
-
-
 def _kvm_signal_mask(signals: Iterable[int]) -> Any:
     """A ``struct kvm_signal_mask`` blocking ``signals`` (numbers 1..64, never the kick signal)."""
     bits = 0

@@ -32,8 +32,6 @@ class IrqChipId(enum.IntEnum):
     IOAPIC = lib.KVM_IRQCHIP_IOAPIC
 
 
-
-
 class MemorySlot:
     """A registered memslot. ``backing`` keeps the host memory alive while the slot exists.
 

@@ -27,6 +27,7 @@ import functools
 import struct
 from typing import Dict, Iterable, List
 
+from pykvm._native import lib
 from pykvm.kvm import CpuidEntry, Kvm, MpState, Regs, Vcpu
 from pykvm.vmm.boot import BootPlan
 from pykvm.vmm.cpu_tables import Segment, SpecialRegs
@@ -166,7 +167,7 @@ def boot_msrs(available: Iterable[int]) -> Dict[int, int]:
 
 def configure_vcpu(vcpu: Vcpu, kvm: Kvm, supported: List[CpuidEntry], cpus: int) -> None:
     """CPUID, MSRs, FPU and LAPIC LINT0/1 of one vCPU (BSP or AP); its id is its APIC ID."""
-    tsc_deadline = bool(kvm.check_extension("TSC_DEADLINE_TIMER"))
+    tsc_deadline = bool(kvm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER))
     vcpu.set_cpuid2(vcpu_cpuid(supported, vcpu.id, cpus, tsc_deadline, host_cpu_brand()))
     vcpu.set_msrs(boot_msrs(kvm.msr_index_list()))
     fpu = vcpu.get_fpu()
