@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -54,6 +55,61 @@ def time_ns(fn: Callable[[], object]) -> int:
 
 def median(xs: List[float]) -> float:
     return statistics.median(xs)
+
+
+class PairedRatio(NamedTuple):
+    """``other`` against ``base`` over rounds that ran both back to back."""
+
+    ratio: float  # median(other) / median(base)
+    low: float  # percentile-bootstrap interval of that ratio
+    high: float
+    level: float
+    lower: int  # rounds in which other < base
+    higher: int  # rounds in which other > base
+    rounds: int
+    sign_p: float  # two-sided sign test of lower against higher (ties dropped)
+
+    def describe(self, better: str = "lower") -> str:
+        """One line; ``better`` says which way is good ("lower" for times, "higher" for rates)."""
+        if self.high < 1 or self.low > 1:
+            side = "lower" if self.high < 1 else "higher"
+            verdict = f"{side} than the baseline ({'better' if side == better else 'worse'})"
+        else:
+            verdict = "not told apart from the baseline"
+        count = self.lower if better == "lower" else self.higher
+        return (f"{self.ratio:.3f}x, {self.level:.0%} interval [{self.low:.3f}, {self.high:.3f}]: {verdict}; "
+                f"{better} in {count} of {self.rounds} rounds (sign test p={self.sign_p:.2f})")
+
+
+def paired_ratio(base: Sequence[float], other: Sequence[float], level: float = 0.95, resamples: int = 10000,
+                 seed: int = 0) -> PairedRatio:
+    """The ratio of medians ``other/base`` with a bootstrap interval that resamples whole rounds.
+
+    ``base[i]`` and ``other[i]`` ran in the same round, one after the other, so whatever slowed
+    that round (the machine's load, the lab's memory state) hit both: resampling rounds in
+    pairs keeps that, and the interval says whether the difference is larger than the
+    round-to-round swing. Deterministic for a given ``seed``."""
+    import numpy as np
+
+    if len(base) != len(other) or not base:
+        raise ValueError(f"paired rounds needed: {len(base)} baseline, {len(other)} other")
+    b, o = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(b), size=(resamples, len(b)))
+    ratios = np.median(o[idx], axis=1) / np.median(b[idx], axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    lower, higher = int(np.sum(o < b)), int(np.sum(o > b))
+    return PairedRatio(float(np.median(o) / np.median(b)), float(low), float(high), level, lower, higher, len(b),
+                       sign_test(lower, higher))
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of ``wins`` out of ``wins + losses`` fair coin flips."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def report(title: str, baseline_name: str, results: Dict[str, float], unit: str,

@@ -57,7 +57,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import parser, rerun_in_lab  # puts the checkout on sys.path
+from common import paired_ratio, parser, rerun_in_lab  # puts the checkout on sys.path
 
 DEBUGFS = "/sys/kernel/debug"
 KVM_STATS = ("exits", "io_exits", "mmio_exits", "irq_injections", "halt_exits", "halt_successful_poll")
@@ -65,6 +65,7 @@ BEGIN, END = "BENCH-BEGIN", "BENCH-END"
 IDLE = "idle"
 READ_RE = re.compile(r"BENCH-READ (\S+) (\d+) ([\d.]+)")
 TARGETS = {"pykvm/L1": 0.9, "pykvm/QEMU": 1.0}
+RATIOS = {"pykvm/L1": ("L1", "pykvm"), "pykvm/QEMU": ("QEMU", "pykvm"), "pykvm/L1-DMA": ("L1-DMA", "pykvm")}
 VARIANTS = ("L1", "L1-DMA", "pykvm", "QEMU")
 POLL_QUEUES = "/sys/module/nvme/parameters/poll_queues"
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -260,6 +261,7 @@ def measure_modes(args, modes: List[str]) -> dict:
     poll_queues = 1 if any(m.startswith("poll") for m in modes) else 0
     kernel, modules = guest_kernel()
     samples: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}
+    by_round: Dict[str, Dict[str, Dict[int, float]]] = {v: {m: {} for m in modes} for v in VARIANTS}  # median MB/s
     windows: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in ("pykvm", "QEMU")}
     stats_tables: List[str] = []
     failures: List[dict] = []
@@ -279,6 +281,8 @@ def measure_modes(args, modes: List[str]) -> dict:
                         for mode in modes:
                             reads, error = l1_reads(reader, NVME_BDF, args.bs, args.reps, mode)
                             samples[variant][mode] += reads
+                            if reads:
+                                by_round[variant][mode][round_] = statistics.median(reads)
                             if error:
                                 print(f"round {round_ + 1} {mode}: {variant}'s reads did not finish: {error}", flush=True)
                                 failures.append({"round": round_ + 1, "variant": variant, "mode": mode,
@@ -309,15 +313,18 @@ def measure_modes(args, modes: List[str]) -> dict:
                             failures.append({"round": round_ + 1, "variant": name, "mode": mode, "console": text})
                         for mode, got in done.items():
                             got["trace"] = traced.get(mode)
-                            samples[name][mode] += got.pop("mbps")
+                            reads = got.pop("mbps")
+                            samples[name][mode] += reads
+                            if reads:
+                                by_round[name][mode][round_] = statistics.median(reads)
                             windows[name][mode].append(got)
                             print(f"round {round_ + 1} {mode}: {name} {median_of_last(samples[name][mode], args.reps)} MB/s, "
                                   f"guest io_poll {got['io_poll']}, KVM counts in the read window {got['kvm']}", flush=True)
     finally:
         if poll_queues:
             reprobe_nvme(NVME_BDF, domain=domain, poll_queues=old_poll)
-    return {"mbps": samples, "windows": windows, "pykvm_stats": stats_tables[-1], "failures": failures,
-            "l1_thp": Path(THP).read_text().strip()}
+    return {"mbps": samples, "by_round": by_round, "windows": windows, "pykvm_stats": stats_tables[-1],
+            "failures": failures, "l1_thp": Path(THP).read_text().strip()}
 
 
 def median_of_last(values: List[float], n: int) -> str:
@@ -349,8 +356,7 @@ def summarize(measured: dict, args) -> dict:
             print(f"mode {mode}: no reads from {', '.join(missing)}")
             continue
         mbps = {name: statistics.median(samples[name][mode]) for name in VARIANTS}
-        ratios = {"pykvm/L1": mbps["pykvm"] / mbps["L1"], "pykvm/QEMU": mbps["pykvm"] / mbps["QEMU"],
-                  "pykvm/L1-DMA": mbps["pykvm"] / mbps["L1-DMA"]}
+        ratios = {name: mbps[other] / mbps[base] for name, (base, other) in RATIOS.items()}
         print(f"mode {mode}:")
         for name, label in (("L1", "(a) L1's nvme driver"), ("L1-DMA", "(a') L1, translated DMA domain"),
                             ("pykvm", "(b) L2 under pykvm --vfio"), ("QEMU", "(c) L2 under QEMU vfio-pci")):
@@ -359,13 +365,20 @@ def summarize(measured: dict, args) -> dict:
             verdict = (f"  target >= {TARGETS[name]:.2f}x: {'met' if value >= TARGETS[name] else 'NOT met'}"
                        if name in TARGETS else "  (control: both translated)")
             print(f"  {name:<30}{value:>8.3f}x{verdict}")
+        paired = {}
+        for name, (base_name, other_name) in RATIOS.items():
+            base, other = measured["by_round"][base_name][mode], measured["by_round"][other_name][mode]
+            rounds = sorted(set(base) & set(other))
+            if len(rounds) >= 2:
+                paired[name] = paired_ratio([base[r] for r in rounds], [other[r] for r in rounds])
+                print(f"  {name:<30}per round: {paired[name].describe('higher')}")
         exits = {name: per_mb(measured["windows"][name][mode], args.reps, devices.NVME_DISK_SIZE)
                  for name in ("pykvm", "QEMU")}
         print("  per MB read (read windows only, idle subtracted):")
         for name, values in exits.items():
             print(f"    {name:<8}" + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
         out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
-                     "per_mb": exits}
+                     "paired": {k: v._asdict() for k, v in paired.items()}, "per_mb": exits}
     if measured["failures"]:
         print(f"{len(measured['failures'])} read sets of a mode did not finish (JSON: failures): "
               + ", ".join(f"round {f['round']} {f['variant']} {f['mode']}" for f in measured["failures"]))

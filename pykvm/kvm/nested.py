@@ -68,10 +68,8 @@ class NestedState(Struct):
         return state
 
     def to_bytes(self) -> bytes:
+        """The ``size`` bytes KVM wrote (``copy()`` keeps the whole ``capacity``)."""
         return bytes(ffi.buffer(self.ptr, min(self.ptr.size, self.capacity)))
-
-    def copy(self) -> "NestedState":
-        return NestedState.from_bytes(ffi.buffer(self._buf))
 
     @property
     def data(self) -> bytes:

@@ -50,12 +50,20 @@ class Struct:
     def as_dict(self) -> Dict[str, Any]:
         return {name: _pythonize(getattr(self.ptr, name)) for name in self.field_names()}
 
+    def nbytes(self) -> int:
+        """Bytes this object owns: ``sizeof(ctype)``, or the whole buffer of a struct with a tail."""
+        buf = self.__dict__.get("_buf")
+        return len(buf) if buf is not None else ffi.sizeof(self.ptr[0])
+
     def to_bytes(self) -> bytes:
-        return bytes(ffi.buffer(self.ptr))
+        return bytes(ffi.buffer(self.ptr, self.nbytes()))
 
     def copy(self):
-        other = type(self)()
-        ffi.memmove(other.ptr, self.ptr, ffi.sizeof(self.ptr[0]))
+        """An independent copy of all :meth:`nbytes` bytes (a tail included)."""
+        other = object.__new__(type(self))
+        other.__dict__.update((k, v) for k, v in self.__dict__.items() if k not in ("ptr", "_buf"))
+        object.__setattr__(other, "ptr", other._allocate())
+        ffi.memmove(other.ptr, self.ptr, self.nbytes())
         return other
 
     def __eq__(self, other: object) -> bool:
@@ -183,14 +191,6 @@ class Xsave(Struct):
 
     def _allocate(self) -> Any:
         return self._allocate_bytes(self.size)
-
-    def to_bytes(self) -> bytes:
-        return bytes(ffi.buffer(self.ptr, self.size))
-
-    def copy(self) -> "Xsave":
-        other = Xsave(self.size)
-        ffi.memmove(other.ptr, self.ptr, self.size)
-        return other
 
 
 class Xcrs(Struct):

@@ -150,6 +150,7 @@ class Container(FdObject):
         self._mappings: Dict[int, DmaMapping] = {}
         self._batches: Dict[DmaBatch, None] = {}  # insertion-ordered set
         self._iommu_type: Optional[int] = None
+        self._info: Optional[IommuInfo] = None  # what does not change while the groups stay
         self._ranges: Optional[Tuple[Range, ...]] = None
         self._dirty_tracking = False
         self.api_version = self._ioctl("VFIO_GET_API_VERSION")
@@ -178,7 +179,7 @@ class Container(FdObject):
                              "VFIO_SET_IOMMU")
         self._ioctl("VFIO_SET_IOMMU", type)
         self._iommu_type = type
-        self._ranges = None
+        self._forget_info()
 
     def iommu_info(self) -> IommuInfo:
         """VFIO_IOMMU_GET_INFO with its capability chain parsed."""
@@ -189,11 +190,23 @@ class Container(FdObject):
             caps = parse_iommu_caps(buf, info.cap_offset)
         return IommuInfo(info.flags, info.iova_pgsizes, **caps)
 
+    def _group_info(self) -> IommuInfo:
+        """:meth:`iommu_info` as of the container's present groups: the IOVA ranges and the
+        migration capability change only when a group comes or goes (``dma_avail`` changes
+        with every mapping: ask :meth:`iommu_info` for it)."""
+        if self._info is None:
+            self._info = self.iommu_info()
+        return self._info
+
+    def _forget_info(self) -> None:
+        self._info = None
+        self._ranges = None
+
     @property
     def iova_ranges(self) -> Tuple[Range, ...]:
         """Usable IOVA ranges (inclusive), cached until the container's groups change."""
         if self._ranges is None:
-            ranges = self.iommu_info().iova_ranges
+            ranges = self._group_info().iova_ranges
             self._ranges = merge_ranges(ranges) if ranges is not None else ((0, (1 << 64) - 1),)
         return self._ranges
 
@@ -373,7 +386,7 @@ class Container(FdObject):
         64 pages in an earlier answer leaves bits past its end in later ones."""
         op = "VFIO_IOMMU_DIRTY_PAGES"
         self._need_iommu(op)
-        migration = self.iommu_info().migration
+        migration = self._group_info().migration
         if migration is None:
             raise vfio_error(errno.ENOTTY, "this IOMMU backend reports no dirty pages (no migration capability)", op)
         pgsize = migration.pgsize_bitmap & -migration.pgsize_bitmap
@@ -413,14 +426,14 @@ class Container(FdObject):
     def _attach(self, group: "Group") -> None:
         self._groups.append(group)
         self._children.add(group)
-        self._ranges = None
+        self._forget_info()
 
     def _detach(self, group: "Group") -> None:
         """A group left. The last one leaving makes the kernel drop the IOMMU and all mappings."""
         if group in self._groups:
             self._groups.remove(group)
             self._children.discard(group)
-        self._ranges = None
+        self._forget_info()
         if not self._groups:
             self._drop_iommu()
 

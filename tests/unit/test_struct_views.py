@@ -7,6 +7,7 @@ import gc
 import pytest
 
 from pykvm._native import ffi
+from pykvm.kvm.nested import NestedState
 from pykvm.kvm.regs import FieldView, Fpu, Sregs, Xsave
 
 
@@ -52,3 +53,21 @@ def test_a_view_assigns_a_whole_nested_struct_and_compares_by_content():
         hash(a.ds)
     assert isinstance(a.gdt, FieldView) and isinstance(a.cr0, int)
     assert "base" in repr(a.ds)
+
+
+@pytest.mark.parametrize("make, nbytes", [
+    (lambda: Sregs(cr0=0x11), ffi.sizeof("struct kvm_sregs")),
+    (lambda: Xsave(8192), 8192),  # a guest with AMX: KVM_GET_XSAVE2 fills more than struct kvm_xsave
+    (lambda: NestedState(4096 + 120), 4096 + 120),
+])
+def test_copy_and_bytes_cover_every_owned_byte_and_the_copy_is_independent(make, nbytes):
+    s = make()
+    assert s.nbytes() == nbytes
+    ffi.memmove(ffi.cast("char *", s.ptr) + nbytes - 1, b"\x7e", 1)  # the last byte, past sizeof for a tail
+    c = s.copy()
+    assert type(c) is type(s) and c.nbytes() == nbytes
+    assert bytes(ffi.buffer(c.ptr, nbytes)) == bytes(ffi.buffer(s.ptr, nbytes))
+    ffi.memmove(ffi.cast("char *", c.ptr) + nbytes - 1, b"\x01", 1)
+    assert bytes(ffi.buffer(s.ptr, nbytes))[-1] == 0x7E  # writing the copy leaves the original alone
+    if not isinstance(s, NestedState):  # NestedState.to_bytes() is the ``size`` KVM wrote, not its capacity
+        assert len(s.to_bytes()) == nbytes and s.to_bytes()[-1] == 0x7E
