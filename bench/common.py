@@ -73,11 +73,11 @@ class PairedRatio(NamedTuple):
         """One line; ``better`` says which way is good ("lower" for times, "higher" for rates)."""
         if self.high < 1 or self.low > 1:
             side = "lower" if self.high < 1 else "higher"
-            verdict = f"{side} than the baseline ({'better' if side == better else 'worse'})"
+            said = f"{side} than the baseline ({'better' if side == better else 'worse'})"
         else:
-            verdict = "not told apart from the baseline"
+            said = "not told apart from the baseline"
         count = self.lower if better == "lower" else self.higher
-        return (f"{self.ratio:.3f}x, {self.level:.0%} interval [{self.low:.3f}, {self.high:.3f}]: {verdict}; "
+        return (f"{self.ratio:.3f}x, {self.level:.0%} interval [{self.low:.3f}, {self.high:.3f}]: {said}; "
                 f"{better} in {count} of {self.rounds} rounds (sign test p={self.sign_p:.2f})")
 
 
@@ -112,19 +112,32 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+def verdict(ratio: float, target: float, paired: Optional[PairedRatio] = None, better: str = "lower") -> str:
+    """"met", "NOT met", or, when the medians meet the target but the rounds' interval
+    reaches past it, "not shown" with the interval."""
+    ok = ratio <= target if better == "lower" else ratio >= target
+    if not ok:
+        return "NOT met"
+    if paired is not None and (paired.high > target if better == "lower" else paired.low < target):
+        return f"not shown (interval [{paired.low:.3f}, {paired.high:.3f}])"
+    return "met"
+
+
 def report(title: str, baseline_name: str, results: Dict[str, float], unit: str,
-           targets: Dict[str, float], extra: Optional[dict] = None, json_path: Optional[str] = None) -> dict:
-    """Print each result, its ratio to the baseline and whether its target (max ratio) is met."""
+           targets: Dict[str, float], extra: Optional[dict] = None, json_path: Optional[str] = None,
+           paired: Optional[Dict[str, PairedRatio]] = None) -> dict:
+    """Print each result, its ratio to the baseline and whether its target (max ratio) is met
+    (with ``paired``, only when the rounds' interval lies within the target too)."""
     base = results[baseline_name]
     print(title)
     out = {"title": title, "unit": unit, "baseline": baseline_name, "results": {}, **(extra or {})}
     for name, value in results.items():
         ratio = value / base
         target = targets.get(name)
-        verdict = "" if target is None else f"  target <= {target:.2f}x: {'met' if ratio <= target else 'NOT met'}"
-        print(f"  {name:<28}{value:>10.2f} {unit}  {ratio:>6.3f}x{verdict}")
+        said = None if target is None else verdict(ratio, target, (paired or {}).get(name))
+        print(f"  {name:<30}{value:>10.2f} {unit}  {ratio:>6.3f}x" + ("" if said is None else f"  target <= {target:.2f}x: {said}"))
         out["results"][name] = {"value": value, "ratio": ratio, "target": target,
-                                "met": None if target is None else ratio <= target}
+                                "met": None if said is None else said == "met"}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

@@ -57,7 +57,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from common import paired_ratio, parser, rerun_in_lab  # puts the checkout on sys.path
+from common import paired_ratio, parser, rerun_in_lab, verdict  # puts the checkout on sys.path
 
 DEBUGFS = "/sys/kernel/debug"
 KVM_STATS = ("exits", "io_exits", "mmio_exits", "irq_injections", "halt_exits", "halt_successful_poll")
@@ -361,23 +361,24 @@ def summarize(measured: dict, args) -> dict:
         for name, label in (("L1", "(a) L1's nvme driver"), ("L1-DMA", "(a') L1, translated DMA domain"),
                             ("pykvm", "(b) L2 under pykvm --vfio"), ("QEMU", "(c) L2 under QEMU vfio-pci")):
             print(f"  {label:<30}{mbps[name]:>8.0f} MB/s  [{max(samples[name][mode]):.0f}]")
-        for name, value in ratios.items():
-            verdict = (f"  target >= {TARGETS[name]:.2f}x: {'met' if value >= TARGETS[name] else 'NOT met'}"
-                       if name in TARGETS else "  (control: both translated)")
-            print(f"  {name:<30}{value:>8.3f}x{verdict}")
         paired = {}
         for name, (base_name, other_name) in RATIOS.items():
             base, other = measured["by_round"][base_name][mode], measured["by_round"][other_name][mode]
             rounds = sorted(set(base) & set(other))
             if len(rounds) >= 2:
                 paired[name] = paired_ratio([base[r] for r in rounds], [other[r] for r in rounds])
-                print(f"  {name:<30}per round: {paired[name].describe('higher')}")
+        said = {name: verdict(ratios[name], target, paired.get(name), "higher") for name, target in TARGETS.items()}
+        for name, value in ratios.items():
+            tail = f"target >= {TARGETS[name]:.2f}x: {said[name]}" if name in TARGETS else "(control: both translated)"
+            print(f"  {name:<30}{value:>8.3f}x  {tail}")
+        for name, pr in paired.items():
+            print(f"  {name:<30}per round: {pr.describe('higher')}")
         exits = {name: per_mb(measured["windows"][name][mode], args.reps, devices.NVME_DISK_SIZE)
                  for name in ("pykvm", "QEMU")}
         print("  per MB read (read windows only, idle subtracted):")
         for name, values in exits.items():
             print(f"    {name:<8}" + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
-        out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: ratios[k] >= TARGETS[k] for k in TARGETS},
+        out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: v == "met" for k, v in said.items()},
                      "paired": {k: v._asdict() for k, v in paired.items()}, "per_mb": exits}
     if measured["failures"]:
         print(f"{len(measured['failures'])} read sets of a mode did not finish (JSON: failures): "

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-from common import paired_ratio, sign_test  # noqa: E402
+from common import PairedRatio, paired_ratio, sign_test, verdict  # noqa: E402
 
 times = st.lists(st.floats(0.5, 20.0), min_size=1, max_size=25)
 
@@ -68,3 +68,16 @@ def test_sign_test_known_values():
     assert sign_test(7, 0) == pytest.approx(2 / 128)
     assert sign_test(3, 4) == 1.0
     assert sign_test(0, 0) == 1.0
+
+
+def test_a_target_is_met_only_when_the_interval_clears_it_too():
+    inside = PairedRatio(0.97, 0.95, 0.99, 0.95, 12, 3, 15, 0.04)
+    straddling = inside._replace(high=1.01)
+    assert verdict(0.97, 1.0, inside) == "met"
+    assert verdict(0.97, 1.0, straddling).startswith("not shown (interval [0.950, 1.010])")
+    assert verdict(1.02, 1.0, inside) == "NOT met"
+    assert verdict(0.97, 1.0) == "met"  # no rounds to pair: the medians decide
+    rate = PairedRatio(0.95, 0.91, 0.99, 0.95, 1, 8, 9, 0.04)
+    assert verdict(0.95, 0.9, rate, "higher") == "met"
+    assert verdict(0.95, 0.9, rate._replace(low=0.85), "higher").startswith("not shown")
+    assert verdict(0.85, 0.9, rate, "higher") == "NOT met"
