@@ -2,7 +2,8 @@
 
 Run inside L1 (one lab run holds both):
 
-    python3 -m pykvm lab run -- python3 bench/boot_time.py [--cpus N] [--rounds R] [--phases] [--json PATH]
+    python3 -m pykvm lab run [--timeout S] -- python3 bench/boot_time.py [--cpus N] [--rounds R] [--phases]
+        [--variants qemu64,pykvm,cold,nosite,debian] [--append ARGS] [--json PATH]
 
 Both VMMs boot Debian's stock kernel (the lab's) with the busybox initramfs of
 tests/lab/test_boot_linux.py, whose /init prints a marker and powers off. The
@@ -27,6 +28,10 @@ own interpreter (``/usr/bin/python3``, with ``_cffi_backend`` from python3-cffi-
 of the one running this script (here a pyenv build: a shared libpython, no PGO/LTO, the
 sandbox's ``.pth`` hook): what ``apt install python3`` gives a Debian user. The row is left
 out, with a note, where that interpreter cannot load pykvm's extension.
+Every row's ratio to the baseline also comes with a 95% interval that resamples whole rounds
+(``common.paired_ratio``); a target counts as met only when the interval clears it too. Many
+rounds of a few rows (``--variants``) make that interval narrow; ``--append`` adds kernel
+parameters for both VMMs (``nokaslr``: the kernel decompresses where it was loaded).
 For pykvm the report also gives the median time from process start to the first
 vCPU entry (its --stats), i.e. how the time splits into VMM start-up and guest.
 

@@ -135,7 +135,8 @@ def report(title: str, baseline_name: str, results: Dict[str, float], unit: str,
         ratio = value / base
         target = targets.get(name)
         said = None if target is None else verdict(ratio, target, (paired or {}).get(name))
-        print(f"  {name:<30}{value:>10.2f} {unit}  {ratio:>6.3f}x" + ("" if said is None else f"  target <= {target:.2f}x: {said}"))
+        tail = "" if said is None else f"  target <= {target:.2f}x: {said}"
+        print(f"  {name:<30}{value:>10.2f} {unit}  {ratio:>6.3f}x{tail}")
         out["results"][name] = {"value": value, "ratio": ratio, "target": target,
                                 "met": None if said is None else said == "met"}
     if json_path:
