@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=60)
 settings.register_profile("dev", deadline=None, max_examples=30)
+settings.register_profile("deep", deadline=None, suppress_health_check=list(HealthCheck), max_examples=1500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
