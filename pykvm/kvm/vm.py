@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
 
+from pykvm._bitmap import bitmap_bytes, set_bits
 from pykvm._fdobject import FdObject
 from pykvm._native import ffi, lib
 from pykvm._record import record_eq, record_hash, record_repr
@@ -199,18 +200,16 @@ class Vm(FdObject):
         import numpy as np
 
         ms = self.slots[slot]
-        words = (ms.pages + 63) // 64
-        bitmap = np.zeros(max(words, 1), dtype=np.uint64)
+        bitmap = np.zeros(max(bitmap_bytes(ms.pages) // 8, 1), dtype=np.uint64)
         c = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": ffi.from_buffer(bitmap)})
         self._ioctl("KVM_GET_DIRTY_LOG", c)
-        bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[: ms.pages]
-        return np.flatnonzero(bits)
+        return set_bits(bitmap, ms.pages)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int) -> None:
         """KVM_CLEAR_DIRTY_LOG: re-protect pages (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
         import numpy as np
 
-        bitmap = np.full((num_pages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+        bitmap = np.full(bitmap_bytes(num_pages) // 8, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
         c = ffi.new("struct kvm_clear_dirty_log *", {
             "slot": slot, "num_pages": num_pages, "first_page": first_page,
             "dirty_bitmap": ffi.from_buffer(bitmap)})

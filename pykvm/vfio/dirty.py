@@ -9,27 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
+from pykvm._bitmap import bitmap_bytes, set_bits
+
 __all__ = ["DirtyBitmap", "bitmap_bytes", "dirty_pages"]
-
-
-def bitmap_bytes(npages: int) -> int:
-    """Size of the bitmap for ``npages`` pages: whole u64 words, as the kernel writes them."""
-    return (npages + 63) // 64 * 8
 
 
 def dirty_pages(bitmap: bytes, iova: int, pgsize: int, npages: int) -> List[int]:
     """Ascending IOVAs of the pages whose bit is set in ``bitmap`` (native-endian u64 words);
     bits from ``npages`` on are ignored."""
-    pages = []
-    for w, word in enumerate(memoryview(bitmap).cast("Q")):
-        while word:
-            low = word & -word
-            index = w * 64 + low.bit_length() - 1
-            if index >= npages:
-                return pages
-            pages.append(iova + index * pgsize)
-            word ^= low
-    return pages
+    return [iova + int(i) * pgsize for i in set_bits(bitmap, npages)]
 
 
 @dataclass(frozen=True)
