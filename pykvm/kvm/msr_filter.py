@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from typing import AbstractSet, Any, List, NamedTuple, Sequence, Tuple
 
+from pykvm._bitmap import bitmap_bytes
 from pykvm._native import ffi, lib
 
 MAX_RANGES = lib.KVM_MSR_FILTER_MAX_RANGES
@@ -48,7 +49,7 @@ class MsrFilterRange(NamedTuple):
         bits = 0
         for msr in self.allowed:
             bits |= 1 << (msr - self.base)
-        return bits.to_bytes((self.nmsrs + 63) // 64 * 8, "little")
+        return bits.to_bytes(bitmap_bytes(self.nmsrs), "little")
 
     def check(self) -> None:
         """ValueError for what KVM would refuse (or silently ignore) whatever the guest."""
