@@ -50,8 +50,9 @@ E820_RESERVED = 2
 MIN_MEMORY = 2 * MiB
 MAX_MEMORY = 1 << 40  # 1 TiB: a sanity bound on what this VMM will map
 
-_SUFFIX = {"": MiB, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SUFFIX = {"": MiB, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+# A number, then nothing (MiB), a bare B (bytes), or K/M/G/T with an optional B or iB.
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:I?B)?|(B)?)\s*$", re.IGNORECASE)
 
 
 class LayoutError(ValueError):
@@ -61,7 +62,8 @@ class LayoutError(ValueError):
 def parse_size(size: Union[str, int]) -> int:
     """Parse ``512M``, ``2G``, ``1024K``, ``1T`` (also ``2GiB``/``2GB``) into bytes.
 
-    A bare number means MiB, as with ``qemu -m`` and ``lkvm -m``; an int is bytes.
+    A bare number means MiB, as with ``qemu -m`` and ``lkvm -m``; a number with a bare
+    ``B`` means bytes (``4096B`` is 4 KiB, not 4 GiB); an int is bytes.
     """
     if isinstance(size, int) and not isinstance(size, bool):
         return size
@@ -70,7 +72,8 @@ def parse_size(size: Union[str, int]) -> int:
     m = _SIZE_RE.match(size)
     if not m:
         raise LayoutError(f"cannot parse memory size {size!r}: use a number with an optional K, M, G or T suffix, e.g. 512M or 2G")
-    return int(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    unit = (m.group(2) or m.group(3) or "").upper()
+    return int(m.group(1)) * _SUFFIX[unit]
 
 
 class RamRegion(NamedTuple):

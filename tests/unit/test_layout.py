@@ -22,6 +22,46 @@ def test_parse_size_rejects_garbage_with_an_example(text):
         L.parse_size(text)
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("4096B", 4096), ("4096b", 4096), ("512 B", 512), ("2097152B", 2 * L.MiB), ("1KiB", L.KiB), ("3kb", 3 * L.KiB),
+])
+def test_a_bare_b_means_bytes_not_mib(text, expected):
+    """Review finding 7: the B of a unit-less size used to be dropped, so 4096B meant 4 GiB."""
+    assert L.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["4096iB", "iB", "B", "512MiBB", "1BB", "2 G B"])
+def test_b_or_ib_without_a_number_and_unit_is_refused(text):
+    with pytest.raises(L.LayoutError, match="e.g. 512M"):
+        L.parse_size(text)
+
+
+def test_a_size_in_bytes_below_the_minimum_is_refused_not_read_as_mib():
+    with pytest.raises(L.LayoutError, match="below the minimum"):
+        L.memory_layout("4096B")
+
+
+_UNITS = {"": L.MiB, "B": 1, "K": L.KiB, "M": L.MiB, "G": L.GiB, "T": 1 << 40}
+
+
+@given(n=st.integers(0, 1 << 50), unit=st.sampled_from(sorted(_UNITS)), tail=st.sampled_from(["", "B", "iB"]),
+       lower=st.booleans(), space=st.sampled_from(["", " "]))
+def test_parse_size_scales_by_the_unit_and_only_by_it(n, unit, tail, lower, space):
+    """Every spelling: a K/M/G/T unit may take B or iB after it and means the same; without a
+    unit the number is MiB; a bare B is bytes; B or iB after a bare B, or iB alone, is refused."""
+    text = f"{n}{space}{unit}{tail}"
+    text = text.lower() if lower else text
+    if unit in "KMGT" and unit:
+        assert L.parse_size(text) == n * _UNITS[unit]
+    elif unit == "" and tail in ("", "B"):
+        assert L.parse_size(text) == n * (L.MiB if tail == "" else 1)
+    elif unit == "B" and tail == "":
+        assert L.parse_size(text) == n
+    else:  # "5iB", "5BB", "5BiB"
+        with pytest.raises(L.LayoutError):
+            L.parse_size(text)
+
+
 @pytest.mark.parametrize("size,match", [
     ("0", "must be positive"), (0, "must be positive"), ("0G", "must be positive"),
     ("1M", "below the minimum"), ("2T", "exceeds the maximum"), (64 * L.MiB + 1, "multiple of 4K"),
