@@ -3,13 +3,15 @@
 Run inside L1 (one lab run holds both):
 
     python3 -m pykvm lab run [--timeout S] -- python3 bench/boot_time.py [--cpus N] [--rounds R] [--phases]
-        [--variants qemu64,pykvm,cold,nosite,debian] [--append ARGS] [--json PATH]
+        [--variants qemu64,pykvm,cold,nosite,debian] [--append ARGS] [--seed N] [--json PATH]
 
 Both VMMs boot Debian's stock kernel (the lab's) with the busybox initramfs of
 tests/lab/test_boot_linux.py, whose /init prints a marker and powers off. The
 measure is wall time from starting the VMM process to the marker line on its
 console (so interpreter start-up counts for pykvm, and firmware for QEMU);
-variants are interleaved over the rounds and the median is reported. QEMU
+variants are interleaved over the rounds (each round runs every variant once, in an order
+drawn from a recorded seed, ``--seed``: ``common.round_orders``; QEMU no longer always goes
+first) and the median is reported. QEMU
 runs the default ``pc`` machine with SeaBIOS and a serial console, once with
 ``-cpu host`` (the baseline: the same CPUID pykvm gives, KVM_GET_SUPPORTED_CPUID)
 and once with QEMU's default CPU model (qemu64: fewer features, e.g. no LA57, so
@@ -28,9 +30,11 @@ own interpreter (``/usr/bin/python3``, with ``_cffi_backend`` from python3-cffi-
 of the one running this script (here a pyenv build: a shared libpython, no PGO/LTO, the
 sandbox's ``.pth`` hook): what ``apt install python3`` gives a Debian user. The row is left
 out, with a note, where that interpreter cannot load pykvm's extension.
-Every row's ratio to the baseline also comes with a 95% interval that resamples whole rounds
-(``common.paired_ratio``); a target counts as met only when the interval clears it too. Many
-rounds of a few rows (``--variants``) make that interval narrow; ``--append`` adds kernel
+Every row's ratio to the baseline also comes per round: the median of the per-round ratios
+with its exact 95% interval (``common.paired_ratio``); a target counts as met only with at
+least ``common.MIN_ROUNDS`` rounds and the interval clearing it too. Many rounds of a few
+rows (``--variants``) make that interval narrow (the default, 9 rounds of all six rows,
+takes ~10 min in L1: give ``lab run`` the ``--timeout``); ``--append`` adds kernel
 parameters for both VMMs (``nokaslr``: the kernel decompresses where it was loaded).
 For pykvm the report also gives the median time from process start to the first
 vCPU entry (its --stats), i.e. how the time splits into VMM start-up and guest.
@@ -53,7 +57,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from common import ROOT, median, paired_ratio, parser, report, temp_dir  # puts the checkout on sys.path
+from common import (ROOT, median, new_seed, paired_ratio, parser, report, round_orders,  # puts the checkout on sys.path
+                    temp_dir)
 
 from tests.lab.test_boot_linux import CMDLINE, MARKER, MEMORY, l2_initramfs, lab_kernel
 
@@ -194,12 +199,13 @@ TARGETS = ("pykvm run", DISTRO_ROW)  # issue 4: faster than the baseline
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--cpus", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
     p.add_argument("--phases", action="store_true", help="split each run into phases from L1's KVM exit trace (root)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"rows to run besides the baseline, comma-separated (default: all of {','.join(VARIANTS)})")
     p.add_argument("--append", default="", metavar="ARGS",
                    help="added to both VMMs' kernel command line (e.g. nokaslr)")
+    p.add_argument("--seed", type=int, help="seed of the variants' order in each round (default: a new one, printed)")
     args = p.parse_args()
     keys = [k for k in args.variants.split(",") if k]
     unknown = [k for k in keys if k not in VARIANTS]
@@ -242,8 +248,12 @@ def main() -> None:
         entries: Dict[str, List[float]] = {}
         phases: Dict[str, List[dict]] = {name: [] for name in variants}
         stderr_path = os.path.join(tmp, "stderr")
-        for r in range(args.rounds):
-            for name, (argv, env) in variants.items():
+        seed = new_seed() if args.seed is None else args.seed
+        orders = round_orders(list(variants), args.rounds, seed)
+        print(f"order of the variants in each round from seed {seed} (--seed {seed} repeats it)", flush=True)
+        for r, order in enumerate(orders):
+            for name in order:
+                argv, env = variants[name]
                 if args.phases:
                     seconds, split = traced_time_to_marker(argv, env, stderr_path)
                     phases[name].append(split)
@@ -262,14 +272,15 @@ def main() -> None:
     if args.phases:
         print_phases(phases)
     paired = {name: paired_ratio(times[BASELINE], ts) for name, ts in times.items() if name != BASELINE}
-    print(f"Per round against {BASELINE} (the interval resamples whole rounds):")
+    print(f"Per round against {BASELINE} (median of the per-round ratios, exact interval, sign test):")
     for name, pr in paired.items():
         print(f"  {name:<30}{pr.describe('lower')}")
     report(f"Boot to the guest marker in L2 (Debian {os.uname().release}, {MEMORY}, {args.cpus} vCPU, "
            f"median of {args.rounds}; load {os.getloadavg()[0]:.2f})",
            BASELINE, results, "s", {name: 1.0 for name in TARGETS if name in results},
            extra={"rounds": times, "first_vcpu_entry": entries, "phases": phases if args.phases else None,
-                  "paired": {name: pr._asdict() for name, pr in paired.items()}, "cmdline": cmdline},
+                  "paired": {name: pr.as_dict() for name, pr in paired.items()}, "cmdline": cmdline,
+                  "seed": seed, "orders": orders},
            json_path=args.json, paired=paired)
 
 

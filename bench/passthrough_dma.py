@@ -32,7 +32,8 @@ later modes are not counted (its driver resets the controller meanwhile).
 
 MB/s (10^6 bytes/s, each machine's own clock) are medians over all reads; the ratios
 (b)/(a) (target >= 0.9) and (b)/(c) (target >= 1.0) are printed per mode with whether the
-target was met. For (b) and (c) the bench samples KVM's exit counters
+target was met: only when, over the rounds both finished (at least ``common.MIN_ROUNDS``),
+the per-round ratios' 95% interval (``common.paired_ratio``) clears the target too. For (b) and (c) the bench samples KVM's exit counters
 (``/sys/kernel/debug/kvm``, summed over L1's VMs; only one runs at a time) when the guest
 announces the start and end of each mode's reads; the guest sleeps 1 s after the start
 line and before the end line (console lines reach L1 late), and a 2 s idle window measured
@@ -365,7 +366,7 @@ def summarize(measured: dict, args) -> dict:
         for name, (base_name, other_name) in RATIOS.items():
             base, other = measured["by_round"][base_name][mode], measured["by_round"][other_name][mode]
             rounds = sorted(set(base) & set(other))
-            if len(rounds) >= 2:
+            if rounds:  # verdict() says "not shown (too few rounds ...)" below common.MIN_ROUNDS
                 paired[name] = paired_ratio([base[r] for r in rounds], [other[r] for r in rounds])
         said = {name: verdict(ratios[name], target, paired.get(name), "higher") for name, target in TARGETS.items()}
         for name, value in ratios.items():
@@ -379,7 +380,7 @@ def summarize(measured: dict, args) -> dict:
         for name, values in exits.items():
             print(f"    {name:<8}" + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
         out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: v == "met" for k, v in said.items()},
-                     "paired": {k: v._asdict() for k, v in paired.items()}, "per_mb": exits}
+                     "paired": {k: v.as_dict() for k, v in paired.items()}, "per_mb": exits}
     if measured["failures"]:
         print(f"{len(measured['failures'])} read sets of a mode did not finish (JSON: failures): "
               + ", ".join(f"round {f['round']} {f['variant']} {f['mode']}" for f in measured["failures"]))
@@ -409,7 +410,7 @@ def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--bs", type=int, default=1 << 20, help="bytes per read (default 1 MiB)")
     p.add_argument("--reps", type=int, default=20, help="whole-disk reads per boot and mode (default 20)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (b), (c) (default 3)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of (a), (b), (c) (default 9)")
     p.add_argument("--modes", type=mode_list, default=mode_list("sync"),
                    help="comma-separated read modes: sync (issue 5's), irq:N, poll:N (default sync; e.g. sync,irq:4,poll:4)")
     p.add_argument("--l1-thp", choices=("always", "madvise", "never"),
