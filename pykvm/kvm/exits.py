@@ -6,9 +6,11 @@ per reason. Every object keeps the raw ``reason``; a reason pykvm does not
 model becomes an ``UnknownExit`` rather than an error.
 
 For an IN or an MMIO read, ``data`` is a writable view into the kvm_run
-page: writing it (or setting ``value``) answers the guest, and it is valid
-until the next ``run()``. For an OUT or an MMIO write, ``data`` is a copy of
-what the guest wrote, so collected exits keep their values.
+page: writing it (or setting ``value``) answers the guest at the next
+``run()``. It keeps the page mapped while it lives, so using it after the
+vCPU closed touches a page KVM no longer reads, never unmapped memory. For
+an OUT or an MMIO write, ``data`` is a copy of what the guest wrote, so
+collected exits keep their values.
 """
 from __future__ import annotations
 
@@ -317,7 +319,8 @@ class InterruptedExit(Exit):
 
 
 class UnknownExit(Exit):
-    """A reason pykvm does not decode; ``hardware_exit_reason`` from kvm_run.hw."""
+    """A reason pykvm does not decode; ``hardware_exit_reason`` from kvm_run.hw for
+    KVM_EXIT_UNKNOWN (0 for the other reasons, whose union member pykvm does not read)."""
 
     __slots__ = ("hardware_exit_reason",)
     hardware_exit_reason: int
@@ -329,9 +332,18 @@ class UnknownExit(Exit):
         self.hardware_exit_reason = hardware_exit_reason
 
 
+def _mmio_data_offset() -> int:
+    probe = ffi.new("struct kvm_run *")
+    return int(ffi.cast("uintptr_t", probe.mmio.data)) - int(ffi.cast("uintptr_t", probe))
+
+
+_MMIO_DATA = _mmio_data_offset()  # where kvm_run.mmio.data sits in the page
+
+
 def decode(run: Any, page: Any) -> Exit:
-    """Decode the exit in ``run`` (a ``struct kvm_run *``); ``page`` is a
-    writable buffer over the whole kvm_run mapping (for IO data)."""
+    """Decode the exit in ``run`` (a ``struct kvm_run *``); ``page`` is a writable
+    memoryview over the whole kvm_run mapping: an IN's or MMIO read's ``data`` is a
+    slice of it (which keeps the mapping alive while the exit lives)."""
     reason = run.exit_reason
     if reason == lib.KVM_EXIT_IO:
         io = run.io
@@ -345,8 +357,8 @@ def decode(run: Any, page: Any) -> Exit:
     if reason == lib.KVM_EXIT_MMIO:
         m = run.mmio
         length = min(m.len, 8)
-        data = ffi.buffer(m.data, length)
-        return MmioExit(reason, m.phys_addr, length, bool(m.is_write), data[:] if m.is_write else data)
+        data = page[_MMIO_DATA:_MMIO_DATA + length]
+        return MmioExit(reason, m.phys_addr, length, bool(m.is_write), bytes(data) if m.is_write else data)
     if reason == lib.KVM_EXIT_HLT:
         return HltExit(reason)
     if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -372,4 +384,5 @@ def decode(run: Any, page: Any) -> Exit:
         return DirtyRingFullExit(reason)
     if reason == lib.KVM_EXIT_INTR:
         return InterruptedExit(reason)
-    return UnknownExit(reason, run.hw.hardware_exit_reason)
+    # kvm_run.hw is filled only for KVM_EXIT_UNKNOWN; other reasons use the union otherwise
+    return UnknownExit(reason, run.hw.hardware_exit_reason if reason == lib.KVM_EXIT_UNKNOWN else 0)

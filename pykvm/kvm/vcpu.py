@@ -13,11 +13,13 @@ import errno
 import mmap
 import signal
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, NamedTuple, Optional
+import time
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from pykvm._fdobject import FdObject
+from pykvm._log import get_logger
 from pykvm._native import ffi, lib
-from pykvm.errors import KvmError, ioctl_error
+from pykvm.errors import ClosedError, KvmError, ioctl_error
 from pykvm.kvm import exits
 from pykvm.kvm.watchdog import WATCHDOG
 from pykvm.kvm.regs import (CpuidEntry, DebugRegs, Fpu, Lapic, Regs, Sregs, Sregs2, VcpuEvents, Xcrs, Xsave,
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 if lib.pykvm_install_kick_handler() != 0:  # pragma: no cover - sigaction cannot fail for a valid signal
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
 KICK_SIGNAL = lib.pykvm_kick_signal()
+CLOSE_WAIT = 2.0  # seconds close() kicks a run in another thread before it gives up waiting
+log = get_logger(__name__)
 MCG_STATUS_MCIP_RIPV = 0b101  # McgStatus.MCIP | McgStatus.RIPV (pykvm.kvm.mce, not loaded by the run path)
 _SIGSET_BYTES = 8  # the kernel's sigset_t on x86-64 (64 signals); KVM_SET_SIGNAL_MASK wants exactly this
 
@@ -103,15 +107,21 @@ class Vcpu(FdObject):
         super().__init__(fd, vm)
         self.vm = vm
         self.id = vcpu_id
+        self._thread: Optional[int] = None  # the thread inside run() (or a run loop), if any
+        self._closing = False
+        self._mask_thread: Optional[int] = None  # the thread whose signal mask was last checked
+        self._user_mask = False  # set_signal_mask() gave KVM a mask
+        self._auto_mask = False  # pykvm gave KVM a mask that unblocks the kick signal
         try:
             size = vm.kvm.vcpu_mmap_size
             self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             self.close()
             raise
-        self._run_c = ffi.from_buffer("struct kvm_run *", self._mm)
-        self._page = memoryview(ffi.buffer(self._run_c, size))
-        self._thread: Optional[int] = None
+        # Every view of the page (this one, the exits' data, the struct) is an export of the
+        # mapping, so the page stays mapped while any of them lives, even past close().
+        self._page = memoryview(self._mm)
+        self._run_c = ffi.from_buffer("struct kvm_run *", self._page)
 
     # -- the kvm_run page -------------------------------------------------
     @property
@@ -139,11 +149,11 @@ class Vcpu(FdObject):
         ``timeout`` (seconds) bounds the call: a guest that stays in the kernel
         is kicked and the call returns ``InterruptedExit``. A kick from this
         deadline is cleared before returning; a ``kick()`` from elsewhere stays
-        set until the caller clears ``immediate_exit``.
+        set until the caller clears ``immediate_exit``. ``close()`` from another
+        thread kicks the run, waits for it and makes it raise ClosedError.
         """
-        fd = self.fileno()
+        fd, run_c, page = self._enter_run()
         token = None if timeout is None else WATCHDOG.arm(timeout, self.kick)
-        self._thread = threading.get_ident()
         try:
             while True:
                 ret = lib.pykvm_ioctl_int(fd, lib.KVM_RUN, 0)
@@ -151,22 +161,69 @@ class Vcpu(FdObject):
                 if ret >= 0 or err != errno.EAGAIN:
                     break  # EAGAIN: an AP left wait-for-SIPI and KVM asks to be entered again
         finally:
-            self._thread = None
             if token is not None and not WATCHDOG.disarm(token):
-                self._run_c.immediate_exit = 0  # our own deadline fired
+                run_c.immediate_exit = 0  # our own deadline fired
+            self._leave_run()
+        if self._closing:
+            raise ClosedError(self._what)
         if ret < 0:
             if err == errno.EINTR:
                 return exits.InterruptedExit(lib.KVM_EXIT_INTR)
             raise ioctl_error(KvmError, err, "KVM_RUN")
-        return exits.decode(self._run_c, self._page)
+        return exits.decode(run_c, page)
+
+    def _enter_run(self) -> Tuple[int, Any, memoryview]:
+        """Register the calling thread as the one in KVM_RUN (``kick`` signals it, ``close``
+        waits for it); returns the fd, the kvm_run struct and the page, which the caller
+        keeps until the run is decoded: they hold the mapping even if the vCPU closes."""
+        tid = threading.get_ident()
+        if self._thread is not None:
+            raise RuntimeError(f"vCPU {self.id} is already running in another thread")
+        # Set the thread, then look for close(); close() sets _closing, then looks for a
+        # thread: one of the two always sees the other (the GIL orders them).
+        self._thread = tid
+        if self._closing or self._fd < 0:
+            self._thread = None
+            raise ClosedError(self._what)
+        try:
+            if tid != self._mask_thread:
+                self._unblock_kick_in_kvm_run(tid)
+        except BaseException:
+            self._leave_run()
+            raise
+        return self._fd, self._run_c, self._page
+
+    def _leave_run(self) -> None:
+        if self._auto_mask:  # a kick that came after KVM_RUN stays pending (blocked): take it
+            while signal.sigtimedwait([KICK_SIGNAL], 0) is not None:
+                pass
+        self._thread = None
+
+    def _unblock_kick_in_kvm_run(self, tid: int) -> None:
+        """A thread that blocks the kick signal (VMMs often block every signal in their
+        vCPU threads) would never be interrupted in KVM_RUN: give KVM its mask minus the
+        kick signal for the duration of KVM_RUN (KVM_SET_SIGNAL_MASK), as QEMU does with
+        its SIG_IPI; a kick left pending after the run is consumed. A mask the user set
+        with ``set_signal_mask`` already leaves the kick signal unblocked."""
+        self._mask_thread = tid
+        if self._user_mask:
+            return
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        if KICK_SIGNAL in blocked:
+            mask = [int(s) for s in blocked if s != KICK_SIGNAL and 1 <= s <= _SIGSET_BYTES * 8]
+            self._ioctl("KVM_SET_SIGNAL_MASK", _kvm_signal_mask(mask))
+            self._auto_mask = True
+        elif self._auto_mask:
+            self._ioctl("KVM_SET_SIGNAL_MASK", None)
+            self._auto_mask = False
 
     def kick(self) -> None:
         """Make a current or imminent ``run()`` return ``InterruptedExit``.
 
         Sets immediate_exit (the next KVM_RUN returns at once) and signals the
         thread inside KVM_RUN. Clear it with ``vcpu.immediate_exit = False``."""
-        run_c = self._run_c  # close() may clear it from another thread
-        if self._fd < 0 or run_c is None:
+        run_c = self._run_c  # this reference keeps the page mapped even if close() runs now
+        if run_c is None:
             return
         run_c.immediate_exit = 1
         tid = self._thread
@@ -175,6 +232,21 @@ class Vcpu(FdObject):
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def close(self) -> None:
+        """Close the vCPU. A run in another thread is kicked first and waited for (up to
+        CLOSE_WAIT seconds); it then raises ClosedError instead of returning an exit."""
+        self._closing = True
+        if self._thread not in (None, threading.get_ident()):
+            deadline = time.monotonic() + CLOSE_WAIT
+            while self._thread is not None:
+                if time.monotonic() > deadline:
+                    log.warning("vCPU %d: a run in another thread did not return within %.0f s of close(); "
+                                "its kvm_run page stays mapped until it does", self.id, CLOSE_WAIT)
+                    break
+                self.kick()
+                time.sleep(0.002)
+        super().close()
 
     def set_signal_mask(self, signals: Optional[Iterable[int]]) -> None:
         """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU's thread is inside KVM_RUN.
@@ -188,6 +260,9 @@ class Vcpu(FdObject):
         be blocked (ValueError); KVM never blocks SIGKILL or SIGSTOP.
         """
         self._ioctl("KVM_SET_SIGNAL_MASK", None if signals is None else _kvm_signal_mask(signals))
+        self._user_mask = signals is not None
+        self._auto_mask = False
+        self._mask_thread = None  # without a user mask, the next run checks its thread's mask again
 
     def drain_coalesced_mmio(self) -> List[CoalescedWrite]:
         """Writes KVM queued in the VM's coalesced MMIO/PIO ring (mapped at page
@@ -216,6 +291,7 @@ class Vcpu(FdObject):
         return self._get("KVM_GET_REGS", Regs())
 
     def set_regs(self, regs: Regs) -> None:
+        """KVM_SET_REGS: load rax..r15, rip and rflags (rflags bit 1 must be set)."""
         self._ioctl("KVM_SET_REGS", regs.ptr)
 
     def get_sregs(self) -> Sregs:
@@ -223,6 +299,8 @@ class Vcpu(FdObject):
         return self._get("KVM_GET_SREGS", Sregs())
 
     def set_sregs(self, sregs: Sregs) -> None:
+        """KVM_SET_SREGS: load segments, descriptor tables, control registers, EFER and the
+        APIC base; KVM checks them as an entry would (EINVAL for, e.g., CR0.PG without PE)."""
         self._ioctl("KVM_SET_SREGS", sregs.ptr)
 
     def get_sregs2(self) -> Sregs2:
@@ -237,9 +315,11 @@ class Vcpu(FdObject):
         self._ioctl("KVM_SET_SREGS2", sregs.ptr)
 
     def get_fpu(self) -> Fpu:
+        """KVM_GET_FPU: x87 and SSE state (FXSAVE layout: fpr, fcw, fsw, xmm, mxcsr)."""
         return self._get("KVM_GET_FPU", Fpu())
 
     def set_fpu(self, fpu: Fpu) -> None:
+        """KVM_SET_FPU: load x87 and SSE state (what ``get_fpu`` returns)."""
         self._ioctl("KVM_SET_FPU", fpu.ptr)
 
     def get_xsave(self) -> Xsave:
@@ -252,14 +332,21 @@ class Vcpu(FdObject):
         return self._get("KVM_GET_XSAVE2", Xsave(self.vm.check_extension(lib.KVM_CAP_XSAVE2)))
 
     def set_xsave(self, xsave: Xsave) -> None:
-        """KVM_SET_XSAVE: KVM reads as many bytes as the guest's area has, so pass what
-        ``get_xsave2()`` (or, for a 4 KiB area, ``get_xsave()``) returned."""
+        """KVM_SET_XSAVE: KVM reads as many bytes as the guest's area has (KVM_CAP_XSAVE2 on
+        the VM), so pass what ``get_xsave2()`` (or, for a 4 KiB area, ``get_xsave()``)
+        returned; a smaller Xsave is refused (ValueError) before KVM reads past it."""
+        need = self.vm.check_extension(lib.KVM_CAP_XSAVE2)
+        if need > xsave.size:
+            raise ValueError(f"this guest's XSAVE area is {need} bytes (KVM_CAP_XSAVE2) and KVM_SET_XSAVE reads "
+                             f"all of them, but the Xsave given has {xsave.size}: use get_xsave2()")
         self._ioctl("KVM_SET_XSAVE", xsave.ptr)
 
     def get_xcrs(self) -> Xcrs:
+        """KVM_GET_XCRS: the extended control registers (XCR0: which XSAVE features are on)."""
         return self._get("KVM_GET_XCRS", Xcrs())
 
     def set_xcrs(self, xcrs: Xcrs) -> None:
+        """KVM_SET_XCRS: load XCR0 (EINVAL for features the guest's CPUID does not offer)."""
         self._ioctl("KVM_SET_XCRS", xcrs.ptr)
 
     def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
@@ -293,15 +380,22 @@ class Vcpu(FdObject):
         return self._get("KVM_GET_LAPIC", Lapic())
 
     def set_lapic(self, lapic: Lapic) -> None:
+        """KVM_SET_LAPIC: load the in-kernel local APIC's register page."""
         self._ioctl("KVM_SET_LAPIC", lapic.ptr)
 
     def get_vcpu_events(self) -> VcpuEvents:
+        """KVM_GET_VCPU_EVENTS: pending or injected exception, interrupt, NMI and SMI
+        state, and interrupt shadow: what no register shows between two instructions."""
         return self._get("KVM_GET_VCPU_EVENTS", VcpuEvents())
 
     def set_vcpu_events(self, events: VcpuEvents) -> None:
+        """KVM_SET_VCPU_EVENTS: load that state; ``flags`` (KVM_VCPUEVENT_VALID_*) says
+        which optional parts (NMI pending, SIPI vector, SMM, shadow) KVM takes."""
         self._ioctl("KVM_SET_VCPU_EVENTS", events.ptr)
 
     def get_mp_state(self) -> MpState:
+        """KVM_GET_MP_STATE: runnable, halted, or waiting for INIT/SIPI (in-kernel LAPIC);
+        a state this enum lacks comes back as the raw int."""
         c = ffi.new("struct kvm_mp_state *")
         self._ioctl("KVM_GET_MP_STATE", c)
         try:
@@ -310,19 +404,25 @@ class Vcpu(FdObject):
             return c.mp_state
 
     def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE: e.g. put an AP in UNINITIALIZED to wait for INIT/SIPI."""
         self._ioctl("KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": int(state)}))
 
     def get_debugregs(self) -> DebugRegs:
+        """KVM_GET_DEBUGREGS: the guest's DR0-DR3, DR6 and DR7."""
         return self._get("KVM_GET_DEBUGREGS", DebugRegs())
 
     def set_debugregs(self, dregs: DebugRegs) -> None:
+        """KVM_SET_DEBUGREGS: load the guest's DR0-DR3, DR6 and DR7 (EINVAL for reserved
+        bits set in the upper halves of DR6/DR7)."""
         self._ioctl("KVM_SET_DEBUGREGS", dregs.ptr)
 
     def set_guest_debug(self, control: int, hw_breakpoints: Iterable[int] = ()) -> None:
         """KVM_SET_GUEST_DEBUG: single-step (SINGLESTEP) or up to 4 execute breakpoints
         (USE_HW_BP, addresses in ``hw_breakpoints``); each hit is a DebugExit."""
         c = ffi.new("struct kvm_guest_debug *", {"control": int(control)})
-        bps = list(hw_breakpoints)[:4]
+        bps = list(hw_breakpoints)
+        if len(bps) > 4:
+            raise ValueError(f"x86 has 4 debug address registers, not {len(bps)}")
         dr7 = 0
         for i, addr in enumerate(bps):
             c.arch.debugreg[i] = addr
@@ -408,6 +508,7 @@ class Vcpu(FdObject):
         return self._ioctl("KVM_GET_TSC_KHZ")
 
     def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: the guest TSC frequency (KVM scales it; needs KVM_CAP_TSC_CONTROL)."""
         self._ioctl("KVM_SET_TSC_KHZ", khz)
 
     def stats(self) -> "KvmStats":
@@ -418,16 +519,15 @@ class Vcpu(FdObject):
         return KvmStats(self._ioctl("KVM_GET_STATS_FD"), self)
 
     def _release(self) -> None:
-        run_c = getattr(self, "_run_c", None)
-        if run_c is not None:
-            self._page.release()
-            ffi.release(run_c)
-            self._run_c = None
-            self._page = None
+        self._run_c = None
+        self._page = None
         mm = getattr(self, "_mm", None)
+        self._mm = None
         if mm is not None:
-            mm.close()
-            self._mm = None
+            try:
+                mm.close()
+            except BufferError:
+                pass  # an exit (or a run's locals) still views the page: it is unmapped with the last one
 
     def dirty_ring(self) -> "DirtyRing":
         """This vCPU's dirty-page ring (``Vm.enable_dirty_ring`` first): mapped from page

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 from typing import Callable, Dict, List, Tuple
@@ -21,6 +22,11 @@ log = get_logger(__name__)
 
 class Watchdog:
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state. Also run in a forked child: the parent's thread does not exist
+        there (and its lock may have been held at the fork), so the child starts its own."""
         self._cond = threading.Condition()
         self._heap: List[Tuple[float, int]] = []
         self._armed: Dict[int, Callable[[], None]] = {}
@@ -69,3 +75,4 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
+os.register_at_fork(after_in_child=WATCHDOG._reset)

@@ -31,7 +31,7 @@ import select
 import threading
 import time
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from pykvm._log import get_logger
 from pykvm._native import ffi, lib
@@ -361,7 +361,7 @@ class _Loop:
         after each exit Python sees), ``timeout`` seconds pass, ``max_exits``
         exits happened, or another thread calls kick()/stop()."""
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
-        self.vcpu.fileno()  # a closed vCPU raises here, before C touches its unmapped kvm_run
+        self.vcpu.fileno()  # a closed vCPU raises ClosedError here, as in Vcpu.run()
         fired: List[bool] = []
 
         def on_deadline() -> None:  # a guest that never exits still stops
@@ -494,23 +494,25 @@ class CRunLoop(_Loop):
         rl, vcpu, desc = self._rl, self.vcpu, self.desc
         rl.exits_left = ALL_ONES if max_exits is None else max(max_exits, 1)
         rl.deadline_ns = deadline or 0  # C compares the coarse clock: at most a tick late
+        # the vCPU's run protocol: kick() signals this thread, close() waits for it, and
+        # run_c/page keep the kvm_run page mapped for C and the exits until the loop returns
+        _fd, run_c, page = vcpu._enter_run()
         if self._uart is not None:
             self._uart.enter()
-        vcpu._thread = threading.get_ident()  # Vcpu.kick() signals this thread
         try:
-            return self._loop(rl, vcpu, desc, predicate)
+            return self._loop(rl, run_c, page, desc, predicate)
         finally:
-            vcpu._thread = None
+            vcpu._leave_run()
             rl.last_reason = -1
             if self._uart is not None:
                 self._uart.leave()  # drains what C queued
             self._collect_counters()
 
-    def _loop(self, rl, vcpu: Vcpu, desc: RunLoop, predicate) -> RunResult:
+    def _loop(self, rl, run_c: Any, page: memoryview, desc: RunLoop, predicate) -> RunResult:
         while True:
             status = lib.pykvm_runloop_run(rl)
             if status == lib.PYKVM_RL_EXIT:
-                ex = exits.decode(vcpu._run_c, vcpu._page)
+                ex = exits.decode(run_c, page)
                 self.drain_uart()  # bytes C queued come out before anything this exit sends
                 if desc.dispatch(ex):
                     return RunResult(Status.EXIT, ex)
