@@ -50,11 +50,16 @@ class FdObject:
         with self._lock:
             if self._fd < 0:
                 return
-            for child in list(self._children):
-                child.close()
-            self._release()
+            failed = []  # a child or a release that fails must not keep the rest, or this fd, open
+            for step in [child.close for child in list(self._children)] + [self._release]:
+                try:
+                    step()
+                except Exception as exc:
+                    failed.append(exc)
             fd, self._fd = self._fd, -1
-        os.close(fd)
+            os.close(fd)
+        if failed:
+            raise failed[0]
 
     def _release(self) -> None:
         """Hook: undo mappings and other state before the fd is closed."""
@@ -83,6 +88,8 @@ class FdObject:
         if arg is None:
             ret = lib.pykvm_ioctl_int(fd, req, 0)
         elif isinstance(arg, int):
+            if arg < 0:
+                raise ValueError(f"{name}: argument {arg} is negative (the kernel takes it unsigned)")
             ret = lib.pykvm_ioctl_int(fd, req, arg)
         else:
             ret = lib.pykvm_ioctl_ptr(fd, req, arg)

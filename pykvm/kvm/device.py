@@ -33,7 +33,9 @@ class DeviceFd(FdObject):
             return False
 
     def set_attr(self, group: int, attr: int, value: Optional[object] = None) -> None:
-        """KVM_SET_DEVICE_ATTR; ``value`` is an int (passed by pointer as __u64 or __s32 fd) or cdata."""
+        """KVM_SET_DEVICE_ATTR; ``value`` is an int, passed by pointer as an ``__s32`` (a fd,
+        as KVM_DEV_VFIO_GROUP_ADD/DEL take), or cdata pointing at whatever the attribute
+        takes (e.g. ``ffi.new("__u64 *", v)`` for a 64-bit attribute)."""
         keep = None
         addr = 0
         if isinstance(value, int):

@@ -34,11 +34,13 @@ class IrqChipId(enum.IntEnum):
 
 
 class MemorySlot:
-    """A registered memslot. ``backing`` keeps the host memory alive while the slot exists.
+    """A registered memslot. While the slot exists it holds a buffer export of its backing,
+    so the host memory KVM maps for the guest cannot be unmapped or resized under it
+    (closing the backing then leaves the mapping until the slot is deleted or the VM closes).
 
     Compared by identity (``is``), like any object."""
 
-    __slots__ = ("slot", "guest_phys_addr", "memory_size", "userspace_addr", "flags", "backing")
+    __slots__ = ("slot", "guest_phys_addr", "memory_size", "userspace_addr", "flags", "backing", "_pin")
     slot: int
     guest_phys_addr: int
     memory_size: int
@@ -46,18 +48,25 @@ class MemorySlot:
     flags: int
     backing: Any
 
-    _repr_fields = __slots__
+    _repr_fields = ("slot", "guest_phys_addr", "memory_size", "userspace_addr", "flags", "backing")
 
     def __init__(self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int,
-                 backing: Any = None) -> None:
+                 backing: Any = None, pin: Any = None) -> None:
         self.slot = slot
         self.guest_phys_addr = guest_phys_addr
         self.memory_size = memory_size
         self.userspace_addr = userspace_addr
         self.flags = flags
         self.backing = backing
+        self._pin = pin
 
     __repr__ = record_repr
+
+    def _unpin(self) -> None:
+        """Let the backing go: KVM no longer maps it (slot deleted, VM closed)."""
+        pin, self._pin = self._pin, None
+        if pin is not None:
+            ffi.release(pin)
 
     @property
     def pages(self) -> int:
@@ -113,18 +122,24 @@ def _fd_of(obj: Union[int, Any]) -> int:
     return obj if isinstance(obj, int) else obj.fileno()
 
 
-def _host_addr_of(backing: Any, size: int) -> int:
+def _pin(backing: Any, size: int, writable: bool) -> Any:
+    """A buffer export of ``backing`` (a MemoryRegion or any buffer) covering ``size`` bytes:
+    ``ffi.cast("uintptr_t", pin)`` is its host address, and it keeps that memory mapped."""
     if isinstance(backing, MemoryRegion):
         if backing.size < size:
             raise ValueError(f"memslot of {size:#x} bytes is larger than its backing region ({backing.size:#x})")
-        return backing.host_address
-    c = ffi.from_buffer(backing, require_writable=False)
+        backing = backing.buffer  # GuestMemoryError if the region is closed
     try:
-        if len(c) < size:
-            raise ValueError(f"memslot of {size:#x} bytes is larger than its backing buffer ({len(c):#x})")
-        return int(ffi.cast("uintptr_t", c))
-    finally:
-        ffi.release(c)
+        pin = ffi.from_buffer(backing, require_writable=writable)
+    except BufferError as exc:
+        if writable:
+            raise ValueError("the backing buffer is read-only, but the guest may write this slot: give a writable "
+                             "buffer or map it with MemFlag.READONLY") from exc
+        raise
+    if len(pin) < size:
+        ffi.release(pin)
+        raise ValueError(f"memslot of {size:#x} bytes is larger than its backing buffer ({len(pin):#x})")
+    return pin
 
 
 class Vm(FdObject):
@@ -147,9 +162,9 @@ class Vm(FdObject):
 
     def enable_cap(self, cap: CapLike, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP: turn on an optional VM-wide behaviour (e.g. X86_USER_SPACE_MSR)."""
-        c = ffi.new("struct kvm_enable_cap *", {"cap": cap_number(cap), "flags": flags})
-        for i, a in enumerate(args[:4]):
-            c.args[i] = a
+        if len(args) > 4:
+            raise ValueError(f"KVM_ENABLE_CAP takes at most 4 arguments, not {len(args)}")
+        c = ffi.new("struct kvm_enable_cap *", {"cap": cap_number(cap), "flags": flags, "args": list(args)})
         self._ioctl("KVM_ENABLE_CAP", c)
 
     # -- memory -----------------------------------------------------------
@@ -158,22 +173,33 @@ class Vm(FdObject):
                                userspace_addr: Optional[int] = None) -> Optional[MemorySlot]:
         """KVM_SET_USER_MEMORY_REGION: back ``[gpa, gpa+size)`` with host memory.
 
-        ``backing`` is a MemoryRegion or any writable buffer (kept alive by the
-        slot); a raw ``userspace_addr`` may be given instead. Size 0 deletes the slot.
+        ``backing`` is a MemoryRegion or any buffer, writable unless ``flags`` has
+        MemFlag.READONLY; the slot pins it (see MemorySlot). A raw ``userspace_addr``
+        may be given instead, and is then the caller's to keep mapped. Size 0 deletes
+        the slot.
         """
+        pin = None
         if memory_size and userspace_addr is None:
             if backing is None:
                 raise ValueError("give backing memory or userspace_addr")
-            userspace_addr = _host_addr_of(backing, memory_size)
+            pin = _pin(backing, memory_size, writable=not int(flags) & MemFlag.READONLY)
+            userspace_addr = int(ffi.cast("uintptr_t", pin))
         c = ffi.new("struct kvm_userspace_memory_region *", {
             "slot": slot, "flags": int(flags), "guest_phys_addr": guest_phys_addr,
             "memory_size": memory_size, "userspace_addr": userspace_addr or 0,
         })
-        self._ioctl("KVM_SET_USER_MEMORY_REGION", c)
+        try:
+            self._ioctl("KVM_SET_USER_MEMORY_REGION", c)
+        except BaseException:
+            if pin is not None:
+                ffi.release(pin)
+            raise
+        old = self.slots.pop(slot, None)
+        if old is not None:
+            old._unpin()
         if memory_size == 0:
-            self.slots.pop(slot, None)
             return None
-        ms = MemorySlot(slot, guest_phys_addr, memory_size, userspace_addr, int(flags), backing)
+        ms = MemorySlot(slot, guest_phys_addr, memory_size, userspace_addr, int(flags), backing, pin)
         self.slots[slot] = ms
         return ms
 
@@ -246,11 +272,13 @@ class Vm(FdObject):
         self._ioctl("KVM_CREATE_IRQCHIP")
 
     def get_irqchip(self, chip_id: int) -> IrqChip:
+        """KVM_GET_IRQCHIP: the state of the in-kernel PIC master/slave or IOAPIC (IrqChipId)."""
         s = IrqChip(chip_id=chip_id)
         self._ioctl("KVM_GET_IRQCHIP", s.ptr)
         return s
 
     def set_irqchip(self, state: IrqChip) -> None:
+        """KVM_SET_IRQCHIP: load one in-kernel PIC's or the IOAPIC's state (``chip_id`` says which)."""
         self._ioctl("KVM_SET_IRQCHIP", state.ptr)
 
     def create_pit2(self, flags: int = 0) -> None:
@@ -258,11 +286,13 @@ class Vm(FdObject):
         self._ioctl("KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *", {"flags": flags}))
 
     def get_pit2(self) -> PitState:
+        """KVM_GET_PIT2: the in-kernel PIT's three channels (count, mode, latch state) and flags."""
         s = PitState()
         self._ioctl("KVM_GET_PIT2", s.ptr)
         return s
 
     def set_pit2(self, state: PitState) -> None:
+        """KVM_SET_PIT2: load the in-kernel PIT's channels (a new count restarts the channel)."""
         self._ioctl("KVM_SET_PIT2", state.ptr)
 
     def irq_line(self, irq: int, level: int) -> None:
@@ -338,6 +368,7 @@ class Vm(FdObject):
         self._irqfds[(_fd_of(eventfd), gsi)] = (eventfd, resample_fd)
 
     def irqfd_deassign(self, eventfd: Any, gsi: int) -> None:
+        """KVM_IRQFD with DEASSIGN: signals on ``eventfd`` no longer raise ``gsi``."""
         c = ffi.new("struct kvm_irqfd *", {"fd": _fd_of(eventfd), "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN})
         self._ioctl("KVM_IRQFD", c)
         self._irqfds.pop((_fd_of(eventfd), gsi), None)
@@ -372,18 +403,31 @@ class Vm(FdObject):
         self._ioctl("KVM_REGISTER_COALESCED_MMIO", c)
 
     def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO: writes to the zone exit to userspace again."""
         c = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
         self._ioctl("KVM_UNREGISTER_COALESCED_MMIO", c)
 
     # -- clock ------------------------------------------------------------
     def get_clock(self) -> ClockData:
-        """KVM_GET_CLOCK: kvmclock's current guest time in ns."""
+        """KVM_GET_CLOCK: kvmclock's current guest time in ns (``clock``). Where the host
+        clocksource is a stable TSC, ``flags`` also has KVM_CLOCK_REALTIME and
+        KVM_CLOCK_HOST_TSC: ``realtime`` is the host's CLOCK_REALTIME and ``host_tsc`` its
+        TSC at the same instant."""
         s = ClockData()
         self._ioctl("KVM_GET_CLOCK", s.ptr)
         return s
 
-    def set_clock(self, clock_ns: int, flags: int = 0) -> None:
-        s = ClockData(clock=clock_ns, flags=flags)
+    def set_clock(self, clock: Union[int, ClockData], flags: int = 0, realtime: Optional[int] = None) -> None:
+        """KVM_SET_CLOCK: set kvmclock's guest time. Pass what ``get_clock()`` returned to
+        restore it. With KVM_CLOCK_REALTIME in the flags KVM adds the wall-clock time that
+        passed since ``realtime`` (host CLOCK_REALTIME, ns), so a guest restored later has
+        not fallen behind: ``realtime`` is required then (KVM would add the whole epoch
+        to a 0). KVM ignores the other flags here."""
+        if isinstance(clock, ClockData):
+            clock, flags, realtime = clock.clock, clock.flags, clock.realtime
+        if flags & lib.KVM_CLOCK_REALTIME and not realtime:
+            raise ValueError("KVM_CLOCK_REALTIME needs realtime= (the host CLOCK_REALTIME ns the clock was read at)")
+        s = ClockData(clock=clock, flags=flags, realtime=realtime or 0)
         self._ioctl("KVM_SET_CLOCK", s.ptr)
 
     # -- CPU features -------------------------------------------------------
@@ -445,6 +489,8 @@ class Vm(FdObject):
         return KvmStats(self._ioctl("KVM_GET_STATS_FD"), self)
 
     def _release(self) -> None:
+        for ms in self.slots.values():  # every vCPU is closed: nothing runs on this memory
+            ms._unpin()
         self.slots.clear()
         self._irqfds.clear()
         self._ioeventfds.clear()

@@ -101,6 +101,7 @@ class Device(FdObject):
 
     @property
     def info(self) -> DeviceInfo:
+        """VFIO_DEVICE_GET_INFO (asked once): flags (PCI, reset), region and IRQ counts."""
         if self._info is None:
             arg = ffi.new("struct vfio_device_info *")
             arg.argsz = ffi.sizeof(arg[0])

@@ -138,6 +138,8 @@ class Group(FdObject):
 
     @property
     def status(self) -> GroupStatus:
+        """VFIO_GROUP_GET_STATUS: viable (every device of the group is bound to a VFIO
+        driver or none) and whether the group is set to a container."""
         arg = ffi.new("struct vfio_group_status *")
         arg.argsz = ffi.sizeof(arg[0])
         self._ioctl("VFIO_GROUP_GET_STATUS", arg)

@@ -51,7 +51,9 @@ class IommufdSupport:
 
     @property
     def available(self) -> bool:
-        """True only when headers, kernel and device nodes are all there (pykvm binds them then)."""
+        """Whether pykvm can drive devices through iommufd here: headers, kernel, device
+        nodes and pykvm's own iommufd bindings. This version has no such bindings, so it
+        is always False; ``missing()`` lists what else this machine lacks."""
         return not self.missing()
 
     def missing(self) -> List[str]:

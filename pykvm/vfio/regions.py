@@ -199,7 +199,10 @@ class Region:
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` through the device fd (pread)."""
         self._check(offset, size, "readable", self.info.readable)
-        data = os.pread(self.device.fileno(), size, self.info.offset + offset)
+        try:
+            data = os.pread(self.device.fileno(), size, self.info.offset + offset)
+        except OSError as exc:
+            raise vfio_error(exc.errno, f"read of region {self.index} at {offset:#x}: {exc.strerror}", "pread") from None
         if len(data) != size:
             raise vfio_error(errno.EIO, f"short read of region {self.index} at {offset:#x}: {len(data)}/{size}", "pread")
         return data
@@ -207,7 +210,10 @@ class Region:
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset`` through the device fd (pwrite)."""
         self._check(offset, len(data), "writable", self.info.writable)
-        done = os.pwrite(self.device.fileno(), data, self.info.offset + offset)
+        try:
+            done = os.pwrite(self.device.fileno(), data, self.info.offset + offset)
+        except OSError as exc:
+            raise vfio_error(exc.errno, f"write to region {self.index} at {offset:#x}: {exc.strerror}", "pwrite") from None
         if done != len(data):
             raise vfio_error(errno.EIO, f"short write to region {self.index} at {offset:#x}: {done}/{len(data)}", "pwrite")
 
