@@ -12,20 +12,6 @@ from typing import Optional
 
 __all__ = ["PykvmError", "KvmError", "VfioError", "ioctl_error", "ClosedError", "FixableError"]
 
-_OSERROR_FOR_ERRNO = {
-    _errno.EACCES: PermissionError,
-    _errno.EPERM: PermissionError,
-    _errno.ENOENT: FileNotFoundError,
-    _errno.EEXIST: FileExistsError,
-    _errno.EINTR: InterruptedError,
-    _errno.EAGAIN: BlockingIOError,
-    _errno.EISDIR: IsADirectoryError,
-    _errno.ENOTDIR: NotADirectoryError,
-    _errno.ETIMEDOUT: TimeoutError,
-    _errno.EBUSY: OSError,
-}
-
-
 class PykvmError(OSError):
     """Base of pykvm's errors. ``ioctl`` names the failing call (or operation)."""
 
@@ -41,10 +27,14 @@ class PykvmError(OSError):
         return f"{name}{self.strerror}" + (f" [{code}]" if code else "")
 
     def __reduce__(self):
-        return (ioctl_error, (type(self)._family, self.errno, self.ioctl, self.strerror))
+        # the (family, OSError subclass) classes are made at run time and have no importable
+        # name: pickle how to make the class again, and the instance's own attributes
+        cls = type(self)
+        return (_rebuild, (_MADE.get(cls, cls), self.errno, self.strerror, self.ioctl), self.__dict__)
 
 
 _CLASSES: dict = {}
+_MADE: dict = {}  # class made by _subclass -> (family, base)
 
 
 def _subclass(family: type, base: type) -> type:
@@ -53,8 +43,17 @@ def _subclass(family: type, base: type) -> type:
         if base is OSError:
             _CLASSES[key] = family
         else:
-            _CLASSES[key] = type(f"{family.__name__}_{base.__name__}", (family, base), {})
+            cls = type(f"{family.__name__}_{base.__name__}", (family, base), {})
+            _CLASSES[key] = cls
+            _MADE[cls] = key
     return _CLASSES[key]
+
+
+def _rebuild(spec, err: int, message: str, ioctl: Optional[str]) -> "PykvmError":
+    cls = _subclass(*spec) if isinstance(spec, tuple) else spec
+    exc = cls.__new__(cls)
+    PykvmError.__init__(exc, err, message, ioctl)  # whatever cls.__init__ takes
+    return exc
 
 
 class KvmError(PykvmError):
@@ -71,9 +70,10 @@ PykvmError._family = PykvmError
 
 
 def ioctl_error(family: type, err: int, ioctl: Optional[str], message: Optional[str] = None) -> PykvmError:
-    """Build the right ``family`` exception for ``err``: a ``PermissionError``
-    subclass for EACCES/EPERM, ``FileNotFoundError`` for ENOENT, and so on."""
-    cls = _subclass(family, _OSERROR_FOR_ERRNO.get(err, OSError))
+    """Build the right ``family`` exception for ``err``: a subclass of the OSError subclass
+    ``OSError(err, ...)`` itself picks (``PermissionError`` for EACCES/EPERM,
+    ``FileNotFoundError`` for ENOENT, ``BrokenPipeError`` for EPIPE, ...)."""
+    cls = _subclass(family, type(OSError(err, "")))
     return cls(err, message or os.strerror(err), ioctl)
 
 

@@ -82,3 +82,16 @@ def test_mmio_exit_round_trips(addr, length, is_write, data):
     elif is_write:  # a write's bytes are a snapshot
         run.mmio.data = list(bytes(8))
         assert bytes(e.data) == data[: e.length]
+
+
+@given(reason=st.sampled_from([lib.KVM_EXIT_UNKNOWN, lib.KVM_EXIT_EXCEPTION, lib.KVM_EXIT_TPR_ACCESS, 0x7FFF]),
+       raw=st.integers(1, 2**64 - 1))
+def test_hardware_exit_reason_is_read_only_for_unknown_exits(reason, raw):
+    """kvm_run.hw is KVM_EXIT_UNKNOWN's union member; other reasons put other data there."""
+    buf, run, page = _run_from(b"")
+    run.exit_reason = reason
+    run.hw.hardware_exit_reason = raw
+    e = exits.decode(run, page)
+    assert e.reason == reason
+    if isinstance(e, exits.UnknownExit):
+        assert e.hardware_exit_reason == (raw if reason == lib.KVM_EXIT_UNKNOWN else 0)
