@@ -76,6 +76,14 @@ def parse_size(size: Union[str, int]) -> int:
     return int(m.group(1)) * _SUFFIX[unit]
 
 
+def human_size(n: int) -> str:
+    """``n`` bytes for a message: ``512 MiB``, ``1.5 GiB``, ``4 KiB``, ``100 bytes``."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.4g} {unit}"
+    return f"{n} bytes"
+
+
 class RamRegion(NamedTuple):
     """A contiguous run of guest RAM: one KVM memory slot."""
 

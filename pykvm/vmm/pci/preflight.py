@@ -20,6 +20,7 @@ from typing import Optional
 from pykvm.errors import FixableError
 from pykvm.pci_address import BDF_PATTERN, canonical_bdf
 from pykvm.vfio.group import group_members
+from pykvm.vmm.layout import human_size as _human
 
 VFIO_DRIVER = "vfio-pci"
 VFIO_SAFE_DRIVERS = (VFIO_DRIVER, "pci-stub", "pcieport")
@@ -107,13 +108,6 @@ def _has_cap_ipc_lock() -> bool:
     status = _read("/proc/self/status")
     m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)", status, re.MULTILINE)
     return bool(m and int(m.group(1), 16) >> CAP_IPC_LOCK & 1)
-
-
-def _human(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.4g} {unit}"
-    return f"{n} bytes"
 
 
 def check_memlock(guest_ram: int) -> None:
