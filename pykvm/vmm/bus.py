@@ -4,18 +4,23 @@ A device is any object with ``read(offset, size) -> bytes`` and
 ``write(offset, data: bytes) -> None``; the bus hands it the offset inside
 its range. Guest-controlled values are checked here, at the edge: an access
 nobody claims reads as all-ones and a write to it is dropped, like a PCI
-master abort; a device that raises is logged and answered the same way, so a
-guest can never take down the vCPU thread.
+master abort; a device that raises is answered the same way, so a guest can
+never take down the vCPU thread. Such faults are counted in ``Bus.faults``;
+the first FAULT_LOG_LIMIT of a bus are logged with their traceback, later ones
+only counted (a guest can cause them thousands of times a second).
 """
 from __future__ import annotations
 
 import bisect
+import threading
 from typing import List, Optional, Protocol, Tuple
 
 from pykvm._log import get_logger
 from pykvm._record import record_eq, record_hash, record_repr
 
 log = get_logger(__name__)
+
+FAULT_LOG_LIMIT = 10  # device faults per bus logged with a traceback; the rest are only counted
 
 
 class BusDevice(Protocol):
@@ -66,6 +71,7 @@ class Bus:
         self._ranges: List[Range] = []
         self.unclaimed = 0  # accesses no device claimed
         self.faults = 0  # device handlers that raised
+        self._fault_lock = threading.Lock()
 
     def register(self, base: int, length: int, device: BusDevice, name: str = "") -> Range:
         if length <= 0 or base < 0 or base + length > self.limit:
@@ -102,8 +108,7 @@ class Bus:
         try:
             data = bytes(r.device.read(addr - r.base, size))
         except Exception:
-            self.faults += 1
-            log.exception("%s: %s failed reading %#x/%d", self.name, r.name, addr, size)
+            self._fault("%s: %s failed reading %#x/%d", self.name, r.name, addr, size)
             return b"\xff" * size
         if len(data) != size:
             data = (data + b"\xff" * size)[:size]
@@ -118,5 +123,14 @@ class Bus:
         try:
             r.device.write(addr - r.base, bytes(data))
         except Exception:
+            self._fault("%s: %s failed writing %#x", self.name, r.name, addr)
+
+    def _fault(self, message: str, *args: object) -> None:
+        """Count a device that raised (called from its except block); log the first few."""
+        with self._fault_lock:
             self.faults += 1
-            log.exception("%s: %s failed writing %#x", self.name, r.name, addr)
+            n = self.faults
+        if n <= FAULT_LOG_LIMIT:
+            log.exception(message, *args)
+            if n == FAULT_LOG_LIMIT:
+                log.warning("%s: %d device faults; further ones are only counted (Bus.faults)", self.name, n)

@@ -11,7 +11,7 @@ import resource
 import pytest
 
 from pykvm.vmm.pci import preflight
-from pykvm.vmm.pci.preflight import PassthroughError, check_device, check_memlock, resolve
+from pykvm.vmm.pci.preflight import PassthroughError, check_device, check_memlock, check_unique, resolve
 
 
 def make_sysfs(root, devices):
@@ -84,3 +84,27 @@ def test_memlock(monkeypatch):
     assert "ulimit -l 524288" in text and "limits.conf" in text and "LimitMEMLOCK=524288K" in text
     monkeypatch.setattr(preflight, "_has_cap_ipc_lock", lambda: True)
     check_memlock(1 << 40)
+
+
+@pytest.mark.parametrize("cls,kind", [(0x060000, "host bridge"), (0x060100, "ISA bridge"),
+                                      (0x060400, "PCI-to-PCI bridge"), (0x068000, "bridge")])
+def test_a_bridge_is_refused_as_not_passable_not_sent_to_host_bind(tmp_path, cls, kind):
+    """Review finding 12: for 00:00.0 (a host bridge) the fix offered was `pykvm host bind`."""
+    sysfs = make_sysfs(tmp_path, {"0000:00:00.0": (None, 1, cls), "0000:00:01.0": ("vfio-pci", 2, cls)})
+    for bdf in ("00:00.0", "00:01.0"):  # unbound, or even on vfio-pci
+        with pytest.raises(PassthroughError, match=f"is a {kind} .*cannot be passed through") as e:
+            check_device(bdf, sysfs)
+        assert "host bind" not in str(e.value) and "endpoint" in e.value.fix
+
+
+def test_the_same_device_twice_is_refused(tmp_path):
+    """Review finding 12: --vfio X --vfio X (or X as a BDF and as its sysfs path) would put one
+    function on two slots."""
+    sysfs = make_sysfs(tmp_path, {"0000:00:05.0": ("vfio-pci", 7, 0x010802), "0000:00:06.0": ("vfio-pci", 8, 0x010802)})
+    assert check_unique(["00:05.0", "0000:00:06.0"]) == ["0000:00:05.0", "0000:00:06.0"]
+    with pytest.raises(PassthroughError, match=r"0000:00:05.0 is given more than once \('00:05.0' twice\)"):
+        check_unique(["00:05.0", "00:06.0", "00:05.0"])
+    path = f"{sysfs}/bus/pci/devices/0000:00:05.0"
+    with pytest.raises(PassthroughError, match=r"more than once \('0000:00:05.0' and '.*/0000:00:05.0'\)") as e:
+        check_unique(["0000:00:05.0", path], sysfs)
+    assert "each device once" in e.value.fix

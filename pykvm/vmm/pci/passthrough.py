@@ -16,7 +16,10 @@ What the guest touches, and where it goes:
   the guest's MMIO runs at native speed. Only what cannot be mapped traps:
   regions or parts that VFIO does not let us mmap, and the pages that hold the
   MSI-X table and PBA (their contents are emulated). Trapped accesses reach the
-  device by pread/pwrite on the region.
+  device by pread/pwrite on the region. An access past the region's end (the
+  BAR the guest sees is rounded up to a power of two) or one the device fails
+  (EIO) is answered as on real hardware: a read gives all ones, a write is
+  dropped; the first few are logged, all are counted in ``bar_faults``.
 - **DMA**: every byte of guest RAM is mapped in the IOMMU at IOVA = guest
   physical address, so the guest driver programs guest addresses and the
   device reaches exactly guest RAM, nothing else.
@@ -68,6 +71,7 @@ CONFIG_REGION = lib.VFIO_PCI_CONFIG_REGION_INDEX
 DEVICE_COMMAND_BITS = COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_INTX_DISABLE  # what the device sees
 HEADER_TYPE_MULTIFUNCTION = 0x80
 BIST = 0x0F
+BAR_FAULT_LOG_LIMIT = 5  # trapped BAR accesses that failed and are logged; later ones are only counted
 
 
 class VfioContext:
@@ -199,6 +203,7 @@ class VfioPciDevice(PciFunction):
         self._attached: List[bool] = []
         self._intx_gsi: Optional[int] = None
         self._intx: Optional[Tuple[EventFd, EventFd]] = None
+        self.bar_faults = 0  # trapped BAR accesses past a region's end or failed by the device
         self.closed = False
         super().__init__(self._build_config())
         self._map_bars()
@@ -417,9 +422,17 @@ class VfioPciDevice(PciFunction):
                 return m.table_read(offset - m.table_offset, size)
             if index == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size:
                 return m.pba_read(offset - m.pba_offset, size)
-        if self.closed or index not in self.regions:
+        region = self.regions.get(index)
+        if self.closed or region is None:
             return b"\xff" * size
-        return self.regions[index].read(offset, size)
+        if 0 <= offset and offset + size <= region.size:
+            try:
+                return region.read(offset, size)
+            except (OSError, ValueError) as exc:
+                self._bar_fault("read", index, offset, size, exc)
+        else:
+            self._bar_fault("read", index, offset, size, None)
+        return b"\xff" * size  # what a read that no device answers returns
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
         m = self.msix
@@ -429,8 +442,26 @@ class VfioPciDevice(PciFunction):
                 return
             if index == m.pba_bar and m.pba_offset <= offset < m.pba_offset + m.pba_size:
                 return  # the PBA is read-only
-        if not self.closed and index in self.regions:
-            self.regions[index].write(offset, data)
+        region = self.regions.get(index)
+        if self.closed or region is None:
+            return
+        if 0 <= offset and offset + len(data) <= region.size:
+            try:
+                region.write(offset, data)
+            except (OSError, ValueError) as exc:
+                self._bar_fault("write", index, offset, len(data), exc)
+        else:
+            self._bar_fault("write", index, offset, len(data), None)  # dropped, as hardware would
+
+    def _bar_fault(self, what: str, index: int, offset: int, size: int, exc: Optional[BaseException]) -> None:
+        """Count a trapped BAR access that could not reach the device; log the first few
+        (a guest can do this thousands of times a second)."""
+        self.bar_faults += 1
+        if self.bar_faults > BAR_FAULT_LOG_LIMIT:
+            return
+        why = f"failed: {exc}" if exc is not None else f"is past the end of region {index} ({self.regions[index].size:#x} bytes)"
+        log.warning("%s: BAR%d %s of %d bytes at %#x %s%s", self.target.bdf, index, what, size, offset, why,
+                    "; further faults are only counted (bar_faults)" if self.bar_faults == BAR_FAULT_LOG_LIMIT else "")
 
     # -- interrupts ----------------------------------------------------------------------
     def plugged(self, slot: int, intx_gsi: Optional[int]) -> None:

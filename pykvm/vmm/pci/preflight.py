@@ -2,7 +2,9 @@
 
 Three things must hold, and all are visible without opening anything:
 
-- the function exists and is bound to vfio-pci (only then does /dev/vfio/GROUP exist);
+- the function exists, is not a bridge (class 0x06: a host, ISA or PCI-to-PCI bridge
+  routes the host's own buses; no guest can have it), and is bound to vfio-pci (only
+  then does /dev/vfio/GROUP exist);
 - its IOMMU group is viable: every other device in the group is on vfio-pci, a
   driver that does no DMA for the host (pci-stub, pcieport), or no driver;
 - vfio_iommu_type1 may pin all of guest RAM: it charges pinned pages to
@@ -15,7 +17,7 @@ import os
 import re
 import resource
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 from pykvm.errors import FixableError
 from pykvm.pci_address import BDF_PATTERN, canonical_bdf
@@ -71,8 +73,27 @@ def resolve(device: str, sysfs: str = "/sys") -> str:
                                "write it as DOMAIN:BUS:DEVICE.FUNCTION, e.g. 0000:00:05.0 (`lspci -D` lists them)") from None
 
 
+BRIDGE_CLASS = "0x06"
+_BRIDGE_KINDS = {"0x0600": "host bridge", "0x0601": "ISA bridge", "0x0604": "PCI-to-PCI bridge",
+                 "0x0609": "PCI-to-PCI bridge"}
+
+
 def _is_bridge(bdf: str, sysfs: str) -> bool:
-    return _read(f"{sysfs}/bus/pci/devices/{bdf}/class").startswith("0x06")
+    return _read(f"{sysfs}/bus/pci/devices/{bdf}/class").startswith(BRIDGE_CLASS)
+
+
+def check_unique(devices: Sequence[str], sysfs: str = "/sys") -> List[str]:
+    """The canonical BDFs of ``devices``; PassthroughError if one function is given twice
+    (also as a BDF and as its sysfs path): it would sit on two slots of the guest's bus."""
+    seen: Dict[str, str] = {}
+    for device in devices:
+        bdf = resolve(device, sysfs)
+        if bdf in seen:
+            both = f"{seen[bdf]!r} and {device!r}" if seen[bdf] != device else f"{device!r} twice"
+            raise PassthroughError(f"PCI device {bdf} is given more than once ({both})",
+                                   "pass each device once (one --vfio per device, or one entry in vfio = [...])")
+        seen[bdf] = device
+    return list(seen)
 
 
 def check_device(device: str, sysfs: str = "/sys") -> Target:
@@ -83,6 +104,13 @@ def check_device(device: str, sysfs: str = "/sys") -> Target:
         raise PassthroughError(f"no PCI device {bdf} on this machine",
                                "check the address with `lspci -D` or `pykvm host groups`")
     ids = f"{_read(base + '/vendor')[2:]}:{_read(base + '/device')[2:]}"
+    cls = _read(f"{base}/class")
+    if cls.startswith(BRIDGE_CLASS):
+        kind = _BRIDGE_KINDS.get(cls[:6], "bridge")
+        raise PassthroughError(f"{bdf} [{ids}] is a {kind} (class {cls}): bridges carry the host's own PCI buses "
+                               "and cannot be passed through to a guest",
+                               "pass an endpoint device instead (`lspci -D` lists them; `pykvm host groups` shows "
+                               "which devices share its IOMMU group)")
     driver = _link(f"{base}/driver")
     if driver != VFIO_DRIVER:
         now = f"bound to {driver}" if driver else "not bound to any driver"
