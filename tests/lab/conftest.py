@@ -9,7 +9,9 @@ the run dies midway (timeout, crash), tests that finished keep their results and
 others fail with the console's last lines.
 
 If the lab cannot start (no QEMU, no kernel), lab tests skip with the reason; with
-``PYKVM_REQUIRE_LAB=1`` they fail instead. ``PYKVM_LAB_TIMEOUT`` bounds the whole inner run
+``PYKVM_REQUIRE_LAB=1`` they fail instead, and so does a test that skipped inside L1 (L1
+sees the variable too, so its own skip points already fail there), unless L1 declared the
+skip covered elsewhere (tests/conftest.py). ``PYKVM_LAB_TIMEOUT`` bounds the whole inner run
 (seconds, default 1500); ``PYKVM_LAB_STREAM=1`` (or ``-v``) shows the inner output live;
 ``PYKVM_LAB_KEEP_OUT=1`` keeps the run's ``$PYKVM_LAB_OUT`` (with ``junit.xml``).
 
@@ -28,18 +30,17 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from tests.conftest import COVERED_BY, require_or_skip, skip_covered_by
+
 HERE = Path(__file__).resolve().parent
 IN_LAB = os.environ.get("PYKVM_IN_LAB") == "1"
-REQUIRE_LAB = os.environ.get("PYKVM_REQUIRE_LAB") == "1"
 RESULTS_FILE = "lab-results.jsonl"
 INNER_ONLY_MARKS = {"skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
 
 
 def _unavailable(reason: str) -> None:
     """Skip, or fail when the lab is required (CI)."""
-    if REQUIRE_LAB:
-        pytest.fail(f"lab required (PYKVM_REQUIRE_LAB=1) but unavailable: {reason}", pytrace=False)
-    pytest.skip(f"lab unavailable: {reason}")
+    require_or_skip("PYKVM_REQUIRE_LAB", f"lab unavailable: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +71,7 @@ if IN_LAB:
             "outcome": report.outcome,
             "longrepr": None if report.passed else str(report.longreprtext),
             "skip_reason": skip_reason,
+            "covered_by": dict(report.user_properties).get(COVERED_BY),
             "wasxfail": getattr(report, "wasxfail", None),
             "duration": report.duration,
         }
@@ -155,7 +157,10 @@ else:
                 if r["wasxfail"] is not None:
                     pytest.xfail(f"in L1: {r['wasxfail']}")
                 reason = (r["skip_reason"] or "").removeprefix("Skipped: ")
-                pytest.skip(f"in L1: {reason}")
+                covering = r.get("covered_by")
+                if covering:  # declared in L1 as covered elsewhere: a skip here too
+                    skip_covered_by(covering, f"in L1: {reason.removesuffix(f' [covered by {covering}]')}")
+                require_or_skip("PYKVM_REQUIRE_LAB", f"in L1: {reason}")
 
     class LabItem(pytest.Item):
         """Host-side stand-in for a lab test: no fixtures here, the outcome comes from L1."""

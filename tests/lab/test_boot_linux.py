@@ -17,6 +17,7 @@ from pykvm.lab.image import LabUnavailable
 from pykvm.lab.initramfs import build_initramfs
 from pykvm.lab.l2 import GUEST_MEMORY, find_busybox, guest_cmdline, guest_kernel, pykvm_argv
 from pykvm.vmm.cpu import host_cpu_brand
+from tests.conftest import require_or_skip
 
 pytestmark = pytest.mark.lab
 
@@ -49,7 +50,7 @@ def lab_kernel() -> Tuple[Path, Path]:
     try:
         return guest_kernel()
     except LabUnavailable as exc:
-        pytest.skip(str(exc))
+        require_or_skip("PYKVM_REQUIRE_LAB", str(exc))
 
 
 def l2_initramfs(path: Path, action: str = "poweroff -f") -> Path:
@@ -57,7 +58,7 @@ def l2_initramfs(path: Path, action: str = "poweroff -f") -> Path:
     try:
         busybox = find_busybox()
     except LabUnavailable as exc:
-        pytest.skip(str(exc))
+        require_or_skip("PYKVM_REQUIRE_LAB", str(exc))
     build_initramfs(path, INIT.format(marker=MARKER, action=action), [], modules_dir=lab_kernel()[1], busybox=busybox)
     return path
 

@@ -22,6 +22,7 @@ from pykvm.lab.devices import (
 )
 from pykvm.lab.image import LabUnavailable
 from pykvm.lab.l2 import build_guest_initramfs, driver_of, guest_kernel, run_guest
+from tests.conftest import require_or_skip
 from tests.lab.support import host, wait_for
 
 pytestmark = pytest.mark.lab
@@ -126,7 +127,7 @@ def test_pykvm_run_refuses_before_the_guest_starts_and_leaves_nothing_behind(spl
     try:
         kernel, modules = guest_kernel()
     except LabUnavailable as exc:
-        pytest.skip(str(exc))
+        require_or_skip("PYKVM_REQUIRE_LAB", str(exc))
     initrd = build_guest_initramfs(tmp_path / "never-runs.img", "echo GUEST-RAN\npoweroff -f\n", modules_dir=modules)
     run = run_guest(kernel, initrd, vfio=[GROUP_EDU_BDF], timeout=60.0)
     assert run.returncode == 2, run.detail()  # a configuration error

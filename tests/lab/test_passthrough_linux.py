@@ -32,6 +32,7 @@ from pykvm.lab.demo import (
 )
 from pykvm.lab.image import LabUnavailable
 from pykvm.lab.l2 import GUEST_MEMORY, build_guest_initramfs, driver_of, guest_kernel, run_guest, vfio_bound
+from tests.conftest import require_or_skip
 
 pytestmark = pytest.mark.lab
 
@@ -57,7 +58,7 @@ def guest(tmp_path_factory):
     try:
         kernel, modules = guest_kernel()
     except LabUnavailable as exc:
-        pytest.skip(str(exc))
+        require_or_skip("PYKVM_REQUIRE_LAB", str(exc))
     return kernel, modules, tmp_path_factory.mktemp("l2")
 
 
