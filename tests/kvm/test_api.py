@@ -278,7 +278,8 @@ def test_user_space_msr_exits_through_enable_cap(vm):
     from pykvm.kvm import MsrExit
 
     if not vm.check_extension(Cap.X86_USER_SPACE_MSR):
-        pytest.skip("KVM_CAP_X86_USER_SPACE_MSR not offered")
+        from tests.conftest import require_or_skip
+        require_or_skip("PYKVM_REQUIRE_KVM", "KVM_CAP_X86_USER_SPACE_MSR not offered")
     vm.enable_cap(Cap.X86_USER_SPACE_MSR, lib.KVM_MSR_EXIT_REASON_UNKNOWN)
     # mov ecx,0x12345678 ; rdmsr ; out 0x10,al ; hlt   (an MSR KVM does not know)
     cpu, _ = real_mode_vcpu(vm, bytes([0x66, 0xB9, 0x78, 0x56, 0x34, 0x12, 0x0F, 0x32, 0xE6, 0x10]) + HLT)
@@ -291,7 +292,8 @@ def test_user_space_msr_exits_through_enable_cap(vm):
 
 def test_coalesced_mmio_queues_writes_without_exits(vm):
     if not vm.kvm.check_extension(Cap.COALESCED_MMIO):
-        pytest.skip("KVM_CAP_COALESCED_MMIO not offered")
+        from tests.conftest import require_or_skip
+        require_or_skip("PYKVM_REQUIRE_KVM", "KVM_CAP_COALESCED_MMIO not offered")
     vm.register_coalesced_mmio(0x20000, 0x1000)
     # mov ax,0x2000 ; mov ds,ax ; mov byte [0],0x11 ; mov byte [1],0x22 ; hlt
     code = bytes([0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x11, 0xC6, 0x06, 0x01, 0x00, 0x22]) + HLT

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pykvm.errors import KvmError
 from pykvm.kvm import Cap, HltExit, IoExit, MemFlag
 from pykvm.memory import MemoryRegion
+from tests.conftest import require_or_skip
 from tests.kvm.guests import real_mode_vcpu
 
 pytestmark = pytest.mark.kvm
@@ -87,7 +88,7 @@ def test_slot_without_logging_refuses_get_dirty_log(vm):
 def test_manual_protect_keeps_bits_until_cleared(kvm):
     with kvm.create_vm() as vm:
         if not vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2):
-            pytest.skip("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not supported")
+            require_or_skip("PYKVM_REQUIRE_KVM", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not supported")
         vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, 1)  # bit 0: manual protect, bit 1 (INITIALLY_SET) off
         code = touch([2, 70]) + OUT + touch([70, 99], value=3) + HLT
         cpu, region = logged_vm(vm, code)

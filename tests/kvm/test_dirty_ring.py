@@ -9,7 +9,7 @@ import pytest
 from pykvm.errors import ClosedError, KvmError
 from pykvm.kvm import Cap, DirtyPage, DirtyRingFullExit, HltExit, IoExit, MemFlag
 from pykvm.memory import PAGE_SIZE, MemoryRegion
-from tests.conftest import open_fds
+from tests.conftest import open_fds, require_or_skip
 from tests.kvm.guests import HLT, real_mode_vcpu
 from tests.kvm.test_dirty_log import OUT, SLOT, SLOT_GPA, touch
 
@@ -20,8 +20,9 @@ RING_OFFSET = 0x40000  # KVM_DIRTY_LOG_PAGE_OFFSET (64) pages into the vCPU fd
 
 def ring_vm(vm, code: bytes, pages: int, ring_bytes: int = 0x10000):
     """``vm`` with a dirty ring and a vCPU running ``code``; slot SLOT logs ``pages`` pages."""
+    __tracebackhide__ = True  # a skip shows the test's line
     if vm.check_extension(Cap.DIRTY_LOG_RING) < ring_bytes:
-        pytest.skip(f"no dirty ring of {ring_bytes} bytes")
+        require_or_skip("PYKVM_REQUIRE_KVM", f"no dirty ring of {ring_bytes} bytes")
     vm.enable_dirty_ring(ring_bytes)
     region = MemoryRegion(SLOT_GPA, pages * PAGE_SIZE)
     cpu, _ = real_mode_vcpu(vm, code)
@@ -75,7 +76,8 @@ def test_a_full_ring_stops_its_vcpu_until_reset(vm):
         cpu, region = ring_vm(vm, touch(range(220)) + OUT + HLT, 220, ring_bytes=PAGE_SIZE)
     except KvmError as exc:  # Intel PML reserves 512 entries more: a bigger minimum ring
         assert exc.errno == errno.EINVAL
-        pytest.skip("this host's smallest dirty ring holds more than a real-mode guest can dirty")
+        require_or_skip("PYKVM_REQUIRE_KVM",
+                        "this host's smallest dirty ring holds more than a real-mode guest can dirty")
     ring, harvested, exits = cpu.dirty_ring(), [], []
     for _ in range(10):
         e = cpu.run(timeout=5)

@@ -9,6 +9,7 @@ import pytest
 from pykvm.errors import ClosedError, KvmError
 from pykvm.kvm import (Cap, HltExit, IoExit, MpState, MsrAccess, MsrExit, MsrExitReason, MsrFilterRange,
                        PmuEventAction)
+from tests.conftest import require_or_skip
 from tests.kvm.guests import HLT, real_mode_vcpu
 
 pytestmark = pytest.mark.kvm
@@ -19,9 +20,10 @@ APIC_BASE_RESET = 0xFEE00000 | (1 << 11) | APIC_BASE_BSP  # enabled, at the defa
 
 
 def need(vm, *caps: int) -> None:
+    __tracebackhide__ = True  # a skip shows the test's line
     for cap in caps:
         if not vm.check_extension(cap):
-            pytest.skip(f"{Cap(cap).name} not offered")
+            require_or_skip("PYKVM_REQUIRE_KVM", f"{Cap(cap).name} not offered")
 
 
 def mov_ecx(value: int) -> bytes:
