@@ -2,7 +2,8 @@
 
 The real bzImage is the one ``pykvm lab prepare`` fetches; its vmlinux is
 recovered by decompressing the bzImage's payload (Debian compresses with xz).
-Tests that need them skip with the reason when the lab cache is empty.
+Tests that need them skip with the reason when the lab cache is empty, and fail under
+PYKVM_REQUIRE_LAB=1 (.ci/lab-deps runs ``lab prepare`` before the tests).
 Synthetic images carry just the fields the parsers read, with overrides for
 building wrong ones.
 """
@@ -13,9 +14,8 @@ import lzma
 import struct
 from typing import Optional, Sequence, Tuple
 
-import pytest
-
 from pykvm.lab.image import cache_root
+from tests.conftest import require_or_skip
 
 NO_KERNEL = "no Debian kernel in the lab cache: run `python3 -m pykvm lab prepare`"
 
@@ -27,9 +27,10 @@ def _real_bzimage() -> Optional[bytes]:
 
 
 def real_bzimage() -> bytes:
+    __tracebackhide__ = True  # a skip shows the test's line
     image = _real_bzimage()
     if image is None:
-        pytest.skip(NO_KERNEL)
+        require_or_skip("PYKVM_REQUIRE_LAB", NO_KERNEL)
     return image
 
 
@@ -47,9 +48,10 @@ def _real_vmlinux() -> Optional[bytes]:
 
 
 def real_vmlinux() -> bytes:
+    __tracebackhide__ = True  # a skip shows the test's line
     vmlinux = _real_vmlinux()
     if vmlinux is None:
-        pytest.skip(NO_KERNEL + " (with an xz-compressed payload)")
+        require_or_skip("PYKVM_REQUIRE_LAB", NO_KERNEL + " (with an xz-compressed payload)")
     return vmlinux
 
 

@@ -1,4 +1,7 @@
-"""MemoryRegion.huge_page_bytes: how much of guest RAM huge pages back (smaps parsing, real THP)."""
+"""MemoryRegion.huge_page_bytes: how much of guest RAM huge pages back (smaps parsing, real THP).
+
+The real-THP and hugetlb tests skip on a machine that cannot give huge pages, and fail
+instead under PYKVM_REQUIRE_KVM=1: guest RAM is what KVM runs on."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemoryError, MemoryRegion
+from tests.conftest import require_or_skip
 
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -33,7 +37,7 @@ def test_untouched_anonymous_memory_has_no_huge_pages_and_touched_memory_has_the
     try:
         assert r.huge_page_bytes() == 0  # nothing faulted in yet
         if thp_mode() == "never":
-            pytest.skip("transparent huge pages are off on this host (never)")
+            require_or_skip("PYKVM_REQUIRE_KVM", "transparent huge pages are off on this host (never)")
         for offset in range(0, r.size, PAGE_SIZE):
             r.buffer[offset] = 1
         huge = r.huge_page_bytes()
@@ -86,8 +90,8 @@ def reserved_huge_page():
     try:
         NR_HUGEPAGES.write_text(str(int(before) + 1))
     except OSError as exc:
-        pytest.skip(f"no free huge page and cannot reserve one ({exc}): run as root or reserve one "
-                    "(echo 1 > /proc/sys/vm/nr_hugepages)")
+        require_or_skip("PYKVM_REQUIRE_KVM", f"no free huge page and cannot reserve one ({exc}): run as root or "
+                        "reserve one (echo 1 > /proc/sys/vm/nr_hugepages)")
     try:
         yield
     finally:
@@ -98,7 +102,7 @@ def test_hugetlb_memory_is_all_huge(reserved_huge_page):
     try:
         r = MemoryRegion(0, HUGE_PAGE_SIZE, backing="hugetlb")
     except GuestMemoryError as exc:
-        pytest.skip(f"the kernel could not give a huge page (memory too fragmented?): {exc}")
+        require_or_skip("PYKVM_REQUIRE_KVM", f"the kernel could not give a huge page (memory too fragmented?): {exc}")
     try:
         assert r.huge_page_bytes() == r.size
     finally:
@@ -120,13 +124,13 @@ def test_no_warning_when_guest_ram_is_all_on_huge_pages(caplog):
     from pykvm.vmm.pci.passthrough import warn_small_pages
 
     if thp_mode() == "never":
-        pytest.skip("transparent huge pages are off on this host (never)")
+        require_or_skip("PYKVM_REQUIRE_KVM", "transparent huge pages are off on this host (never)")
     with GuestMemory.flat(4 * HUGE_PAGE_SIZE) as memory:
         region = memory.regions[0]
         for offset in range(0, region.size, PAGE_SIZE):
             region.buffer[offset] = 1
         if region.huge_page_bytes() < region.size:
-            pytest.skip("the kernel found no free huge pages just now (fragmented memory)")
+            require_or_skip("PYKVM_REQUIRE_KVM", "the kernel found no free huge pages just now (fragmented memory)")
         with caplog.at_level("WARNING", logger="pykvm.vmm.pci.passthrough"):
             warn_small_pages(memory)
     assert caplog.text == ""

@@ -1,7 +1,9 @@
 """The real CLI on this machine's real /sys, /proc and /dev (read-only: nothing is changed).
 
 The development and CI machines have KVM but no IOMMU and no VFIO: ``check``
-must say so item by item, with fixes, and exit non-zero, without a traceback.
+must say so item by item, with fixes, and exit non-zero, without a traceback. On a
+machine with an IOMMU those tests skip, also in CI: a fake sysfs tree checks the same
+answers (the test each skip names) and the lab checks the real IOMMU case.
 """
 from __future__ import annotations
 
@@ -15,10 +17,27 @@ import pytest
 
 from pykvm.host.bind import bind
 from pykvm.host.sysfs import HostError, Root
+from tests.conftest import require_or_skip, skip_covered_by
 
 REPO = Path(__file__).resolve().parents[3]
 HAS_IOMMU = bool(os.listdir("/sys/kernel/iommu_groups")) if os.path.isdir("/sys/kernel/iommu_groups") else False
-no_iommu_only = pytest.mark.skipif(HAS_IOMMU, reason="this host has an IOMMU; the lab tests cover that case")
+NO_IOMMU_ON_A_FAKE_TREE = "tests/unit/host/test_host_check.py::test_machine_without_iommu_fails_with_fixes"
+NO_GROUP_ON_A_FAKE_TREE = "tests/unit/host/test_host_bind.py::test_bind_bad_input_is_refused_with_nothing_changed"
+
+
+def no_iommu_only(covering: str) -> None:
+    __tracebackhide__ = True  # a skip shows the test's line
+    if HAS_IOMMU:
+        skip_covered_by(covering, "this host has an IOMMU; tests/lab/test_host_lab.py covers that case")
+
+
+def pci_devices() -> list:
+    """This machine's PCI addresses, sorted (skips, or fails under PYKVM_REQUIRE_KVM=1, without any)."""
+    __tracebackhide__ = True  # a skip shows the test's line
+    devices = sorted(os.listdir("/sys/bus/pci/devices"))
+    if not devices:
+        require_or_skip("PYKVM_REQUIRE_KVM", "no PCI devices on this machine")
+    return devices
 
 
 def pykvm(*args):
@@ -28,8 +47,8 @@ def pykvm(*args):
     return proc
 
 
-@no_iommu_only
 def test_check_reports_missing_iommu_and_vfio_with_fixes():
+    no_iommu_only(NO_IOMMU_ON_A_FAKE_TREE)
     proc = pykvm("check")
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
@@ -40,8 +59,8 @@ def test_check_reports_missing_iommu_and_vfio_with_fixes():
     assert "NOT ready for passthrough" in proc.stdout
 
 
-@no_iommu_only
 def test_check_json_on_this_host():
+    no_iommu_only(NO_IOMMU_ON_A_FAKE_TREE)
     proc = pykvm("check", "--json", "--memory", "64M")
     assert proc.returncode == 1
     data = json.loads(proc.stdout)
@@ -57,18 +76,14 @@ def test_check_json_on_this_host():
 def test_groups_and_show_on_this_host():
     proc = pykvm("groups", "--json")
     assert proc.returncode == 0 and isinstance(json.loads(proc.stdout), list)
-    devices = sorted(os.listdir("/sys/bus/pci/devices"))
-    if not devices:
-        pytest.skip("no PCI devices on this machine")
-    proc = pykvm("show", devices[0])
-    assert proc.returncode == 0 and proc.stdout.startswith(devices[0]) and "Kernel driver in use:" in proc.stdout
+    device = pci_devices()[0]
+    proc = pykvm("show", device)
+    assert proc.returncode == 0 and proc.stdout.startswith(device) and "Kernel driver in use:" in proc.stdout
 
 
-@no_iommu_only
 def test_bind_without_iommu_is_refused_before_any_write():
-    devices = sorted(os.listdir("/sys/bus/pci/devices"))
-    if not devices:
-        pytest.skip("no PCI devices on this machine")
+    no_iommu_only(NO_GROUP_ON_A_FAKE_TREE)
+    devices = pci_devices()
     root = Root("/", dry_run=True)  # belt and braces: even a wrong decision could not write
     with pytest.raises(HostError, match="in no IOMMU group"):
         bind(root, devices[-1])
