@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pykvm.kvm import DebugExit, GuestDebug, HltExit, IoExit
+from tests.conftest import IN_LAB, skip_covered_by
 from tests.kvm.guests import CODE, real_mode_vcpu
 
 pytestmark = pytest.mark.kvm
@@ -73,13 +74,17 @@ def test_stepping_resumes_after_an_io_exit_and_can_be_switched_off(vm):
     assert cpu.get_regs().rip == HLT_AT + 1
 
 
+THIS_TEST = "tests/kvm/test_debug.py::test_hardware_breakpoint_stops_before_the_instruction"
+
+
 def test_hardware_breakpoint_stops_before_the_instruction(vm):
     cpu, _ = real_mode_vcpu(vm, loop_code(3))
     cpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.USE_HW_BP, [OUT])
     e = cpu.run(timeout=5)
-    if isinstance(e, IoExit):
-        pytest.skip("this CPU never raised the guest-debug breakpoint (seen in L1 under QEMU TCG's SVM)")
-    assert isinstance(e, DebugExit) and e.exception == DB_VECTOR
+    if isinstance(e, IoExit) and IN_LAB:
+        # Measured: in L1 (kvm_amd on QEMU TCG's SVM) the guest runs through the breakpoint.
+        skip_covered_by(THIS_TEST, "in L1 (QEMU TCG's SVM) the breakpoint never fires; the host's KVM runs this test")
+    assert isinstance(e, DebugExit) and e.exception == DB_VECTOR, f"the hardware breakpoint did not fire: {e}"
     assert e.pc == OUT and e.dr6 & DR6_B0 and not e.dr6 & DR6_BS
     r = cpu.get_regs()
     assert r.rip == OUT and r.rax & 0xFFFF == 6 and r.rcx & 0xFFFF == 0  # the loop ran, the OUT did not
