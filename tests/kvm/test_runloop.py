@@ -16,6 +16,8 @@ from pykvm.vmm.runloop import ALL_ONES, ConstantDevice, CRunLoop, PyRunLoop, Run
 from tests.conftest import open_fds
 from tests.kvm.guests import HLT, JMP_SELF, real_mode_vcpu
 
+pytestmark = pytest.mark.kvm
+
 LOOPS = (CRunLoop, PyRunLoop)
 MMIO_SEG = 0x2000           # DS for MMIO accesses: linear 0x20000 + offset, above the 64 KiB of RAM
 RESULTS = 0x8000            # where guests store what their reads returned (ES = 0)
@@ -86,10 +88,6 @@ class Scratch:
 
     def write(self, offset: int, data: bytes) -> None:
         self.mem[offset:offset + len(data)] = data
-
-
-def test_console_uart_offers_the_fast_path_hook():
-    assert all(hasattr(ConsoleUart, a) for a in ("fast_path_state", "emit", "fast_path"))
 
 
 class Machine:
@@ -412,14 +410,18 @@ def test_exit_budget_bounds_a_run(vm, loop_cls):
 
 
 @pytest.mark.parametrize("loop_cls", LOOPS)
-def test_failing_handler_stops_the_loop_without_raising(vm, loop_cls):
+def test_failing_handler_stops_the_loop_without_raising(vm, loop_cls, caplog):
+    """The handler for HLT (exit reason 5) runs, raises, and the loop ends with that exit."""
     cpu, _ = real_mode_vcpu(vm, HLT)
+    calls = []
 
     def broken(ex):
+        calls.append(ex.name)
         raise RuntimeError("handler bug")
 
     desc = RunLoop(Bus("pio", 1 << 16), Bus("mmio", 1 << 64), handlers={5: broken})
     result = loop_cls(desc, cpu).run_until(timeout=10)
+    assert calls == ["HLT"] and "exit handler for HLT failed" in caplog.text
     assert result.status is Status.EXIT and result.exit.name == "HLT"
 
 

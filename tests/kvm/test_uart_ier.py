@@ -22,6 +22,8 @@ from pykvm.vmm.runloop import CRunLoop, PyRunLoop, RunLoop, Status
 from tests.kvm.guests import HLT, JMP_SELF, real_mode_vcpu
 from tests.kvm.test_runloop import LOOPS, RESULTS, Access, Machine, Scratch, assemble, jcc, le, out_dx, run_guest
 
+pytestmark = pytest.mark.kvm
+
 THR, IER, IIR, LCR, MCR, LSR = 0, 1, 2, 3, 4, 5
 DONE_PORT, FLAG, MSG = 0x300, 0x6800, 0x8000
 

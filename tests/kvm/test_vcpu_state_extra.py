@@ -16,7 +16,7 @@ from pykvm.kvm import Cap, HltExit, InterruptedExit, IoExit
 from pykvm.kvm.regs import Sregs2, Xsave
 from pykvm.kvm.mce import McgStatus, MciStatus
 from pykvm.kvm.nested import NestedState
-from pykvm.kvm.vcpu import KICK_SIGNAL, MCG_STATUS_MCIP_RIPV
+from pykvm.kvm.vcpu import KICK_SIGNAL
 from tests.kvm.guests import CODE, HLT, JMP_SELF, real_mode_vcpu
 
 pytestmark = pytest.mark.kvm
@@ -51,10 +51,6 @@ def expect_kvm_error(ioctl: str, err: int, fn, *args) -> None:
     with pytest.raises(KvmError) as ei:
         fn(*args)
     assert ei.value.ioctl == ioctl and ei.value.errno == err and ioctl in str(ei.value)
-
-
-def test_set_mce_default_mcg_status_is_mcip_and_ripv():
-    assert MCG_STATUS_MCIP_RIPV == McgStatus.MCIP | McgStatus.RIPV
 
 
 # -- SREGS2 ------------------------------------------------------------------
