@@ -9,7 +9,12 @@ guest has read, which wakes the input thread. Implementations:
   Ctrl-C reaches the guest) and ``Ctrl-A x`` quits, as in QEMU; ``Ctrl-A a``
   sends a literal Ctrl-A. The terminal is restored by ``close()``, which the
   machine calls on every way out, and by an ``atexit`` hook as a last resort.
-- :class:`FileConsole`: output appended to a file, no input (``file:PATH``).
+  While it is raw, what the VMM writes to ``sys.stderr`` on that terminal (its
+  log messages, a traceback) has each newline turned into CR LF, so it does not
+  come out as a staircase over the guest's output.
+- :class:`FileConsole`: output appended to a file, no input (``file:PATH``). A
+  file it created is removed again if the machine never connected it (the run
+  failed before any vCPU ran).
 - :class:`BufferConsole`: output kept in memory, input given with ``send()``:
   for tests and for programs driving a guest.
 
@@ -20,6 +25,7 @@ not cost a trip through Python per byte.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import select
 import sys
@@ -118,21 +124,36 @@ class BufferConsole(Console):
 
 
 class FileConsole(Console):
-    """Output appended to ``path``; the guest gets no input."""
+    """Output appended to ``path``; the guest gets no input. A file this console created
+    is removed by ``close()`` if it was never connected (the machine did not run)."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
+        self.path = path
+        self.created = False
         try:
-            self._file = open(path, "ab", buffering=0)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                self.created = True
+            except FileExistsError:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except OSError as exc:
             raise ValueError(f"cannot open console file {path!r}: {exc.strerror}") from None
+        self._file = open(fd, "ab", buffering=0)
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
 
     def close(self) -> None:
         super().close()
+        if self._file.closed:
+            return
         self._file.close()
+        if self.created and self._pump is None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 class StdioConsole(Console):
@@ -144,14 +165,20 @@ class StdioConsole(Console):
         self._saved: Optional[list] = None
         self._escape = False
         self._reader: Optional[threading.Thread] = None
+        self._stderr: Any = None  # sys.stderr as it was, while ours translates newlines
+        self._gone = False  # stdout went away (a closed pipe, a terminal that hung up)
 
     def write(self, data: bytes) -> None:
+        if self._gone:
+            return
         view = memoryview(data)
         try:
             while view:
                 view = view[os.write(self._out, view):]
-        except BrokenPipeError:
-            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            self._gone = True  # nobody reads the guest's output any more: drop it
 
     def connect(self, feed: Feed) -> None:
         super().connect(feed)
@@ -159,6 +186,8 @@ class StdioConsole(Console):
             self._saved = termios.tcgetattr(self._in)
             atexit.register(self._restore)
             tty.setraw(self._in)
+            if _same_terminal(sys.stderr, self._in):
+                self._stderr, sys.stderr = sys.stderr, RawTerminalText(sys.stderr)
         self._reader = threading.Thread(target=self._read_input, name="pykvm-stdin", daemon=True)
         self._reader.start()
 
@@ -191,6 +220,10 @@ class StdioConsole(Console):
         return bytes(out)
 
     def _restore(self) -> None:
+        if self._stderr is not None:
+            if isinstance(sys.stderr, RawTerminalText) and sys.stderr.stream is self._stderr:
+                sys.stderr = self._stderr
+            self._stderr = None
         if self._saved is not None:
             try:
                 termios.tcsetattr(self._in, termios.TCSADRAIN, self._saved)
@@ -325,7 +358,31 @@ class ConsoleUart(Serial16550):
         return taken
 
 
-def stderr_note(message: str) -> None:
-    """A VMM message on stderr that stays readable while the terminal is in raw mode."""
-    sys.stderr.write(message.replace("\n", "\r\n") + "\r\n")
-    sys.stderr.flush()
+def _same_terminal(stream: Any, tty_fd: int) -> bool:
+    """Whether ``stream`` (sys.stderr) writes to the terminal open as ``tty_fd``."""
+    try:
+        fd = stream.fileno()
+        return os.isatty(fd) and os.fstat(fd).st_rdev == os.fstat(tty_fd).st_rdev
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class RawTerminalText:
+    """A text stream (sys.stderr) for a terminal in raw mode, where output processing is off
+    and LF only moves down a line: each newline written goes out as CR LF. Python's logging
+    (its last-resort handler looks up sys.stderr for every message), warnings and tracebacks
+    all write through it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text.replace("\r\n", "\n").replace("\n", "\r\n"))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
