@@ -15,6 +15,11 @@ guest exits at least at every host timer tick, and one halted with interrupts en
 wakes for its own timer. The check's own exits are not held against the vCPU: after a
 check the next sample only sets a new baseline. Where the kernel has no such statistics,
 :meth:`HaltWatch.open` returns None and the machine checks on a timer instead.
+
+A check only gives a verdict. The machine (pykvm.vmm.machine) ends the run as a power-off
+only after a round in which every vCPU, all out of KVM_RUN at once, is found halted again:
+a verdict from long ago (an AP that waited for its SIPI at boot and is busy since, so never
+checked again) cannot end a guest that runs.
 """
 from __future__ import annotations
 
@@ -43,7 +48,11 @@ class HaltWatch:
     @classmethod
     def open(cls, vcpus: Sequence, check: Callable[[int], None], interval: float) -> Optional["HaltWatch"]:
         """A watch over ``vcpus`` (their ``stats()`` fds, closed with each vCPU), or None if
-        this kernel cannot give both statistics (the caller then checks on a timer)."""
+        this kernel cannot give both statistics (the caller then checks on a timer).
+
+        Call it before any of the vCPUs runs: KVM_GET_STATS_FD is a vCPU ioctl and takes the
+        vCPU's mutex, which a thread inside KVM_RUN holds (an AP waiting for its SIPI holds
+        it until something kicks it). ``start()`` the sampling once the vCPUs run."""
         stats = []
         try:
             for vcpu in vcpus:

@@ -27,15 +27,26 @@ How a run ends (``MachineExit.reason`` and the exit ``status``):
   SYSTEM_EVENT reset.
 - ``poweroff`` (0): Linux without ACPI cannot switch itself off: its
   ``poweroff`` becomes "halt" and leaves every CPU in HLT with interrupts
-  disabled. Each vCPU thread checks for that state four times a second (a
-  kick, KVM_GET_MP_STATE and RFLAGS.IF); when every vCPU is in it (or never
-  started) on two checks in a row, the machine has powered off. A
-  SYSTEM_EVENT shutdown counts the same.
-- ``triple-fault`` (2): KVM_EXIT_SHUTDOWN.
+  disabled. A vCPU that may be in that state (pykvm.vmm.halt_watch: it slept
+  a whole 0.25 s without an exit; or, without KVM's statistics, every 0.25 s)
+  is kicked and checks itself (KVM_GET_MP_STATE and RFLAGS.IF). When every
+  vCPU has been found in it (or never started) on two checks in a row, the
+  machine confirms in one round: every vCPU thread leaves KVM_RUN, and only
+  once all are out does each look at its vCPU again. Only if every one of
+  these fresh verdicts says halted has the machine powered off; a vCPU found
+  running loses its earlier verdicts (a vote from boot, when an AP waited for
+  its SIPI, cannot end a guest that started the AP since). A SYSTEM_EVENT
+  shutdown counts the same.
+- ``triple-fault`` (4): KVM_EXIT_SHUTDOWN.
 - ``crash`` (3): SYSTEM_EVENT crash, or a reset after the console printed
   ``Kernel panic`` (so a panicking Linux with ``panic=-1`` is not a success).
-- ``timeout`` (124), ``stopped`` (0, ``stop()`` or the console's escape key),
-  ``error`` (1: KVM_RUN failed, the entry failed, an exit nobody handles).
+- ``timeout`` (124, counted from ``run()``'s start), ``stopped`` (0, ``stop()`` or the
+  console's escape key), ``error`` (1: KVM_RUN failed, the entry failed, an exit nobody
+  handles).
+
+A configuration the machine cannot run raises :class:`MachineError` (from ``Machine()``
+or, for what only building finds out, such as guest RAM the host cannot allocate, from
+``build()``/``start()``/``run()``); ``pykvm run`` exits 2 for it, as for a usage error.
 
 PCI passthrough plugs in through :attr:`Machine.pci` (bus 0, BAR ranges on
 :attr:`mmio`/:attr:`pio`), :attr:`vm`, :attr:`memory` and :attr:`gsi`;
@@ -47,7 +58,12 @@ RAM goes away.
 from __future__ import annotations
 
 import enum
+import errno
+import math
+import os
+import stat
 import threading
+import time
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 from pykvm._log import get_logger
@@ -57,14 +73,14 @@ from pykvm.kvm import Kvm, Vcpu, Vm
 from pykvm.kvm.exits import Exit, SystemEventExit
 from pykvm.memory import GuestMemory, MemoryRegion
 from pykvm.vmm import cpu
-from pykvm.vmm.boot import BootPlan, plan_boot
+from pykvm.vmm.boot import BootError, BootPlan, plan_boot
 from pykvm.vmm.bus import Bus
 from pykvm.vmm.console import Console, ConsoleUart, open_console
 from pykvm.vmm.devices.i8042 import I8042
 from pykvm.vmm.devices.misc import CMOS_PORT, POST_PORT, Cmos
 from pykvm.vmm.devices.serial import COM1_IRQ, COM1_PORT, REGISTER_COUNT
 from pykvm.vmm.halt_watch import HaltWatch
-from pykvm.vmm.layout import MPTABLE_ADDR, Layout, memory_layout
+from pykvm.vmm.layout import MPTABLE_ADDR, Layout, human_size, memory_layout
 from pykvm.vmm.pci.allocator import BarAllocator
 from pykvm.vmm.pci.bus import PciBus
 from pykvm.vmm.pci.config import INTERRUPT_PIN
@@ -86,7 +102,8 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MARKER_PORT = 0x3F0  # a byte written here marks "guest reached its marker" (free on a PC without floppy)
 HALT_CHECK_INTERVAL = 0.25  # seconds between a vCPU's checks for "halted with interrupts off"
-HALT_CHECKS = 2  # consecutive checks that must agree before the machine counts as powered off
+HALT_CHECKS = 2  # consecutive checks that must agree before the machine confirms a power-off in one round
+HALT_ROUND_WAIT = 2.0  # seconds the vCPU threads wait for each other in a confirming round before giving it up
 PANIC_TEXT = b"Kernel panic - not syncing"
 JOIN_TIMEOUT = 5.0
 # Legacy ports Linux probes on a PC but this machine has nothing behind: (base, length, name).
@@ -117,7 +134,7 @@ class ExitReason(enum.Enum):
 
 EXIT_STATUS = {
     ExitReason.RESET: 0, ExitReason.POWEROFF: 0, ExitReason.STOPPED: 0, ExitReason.ERROR: 1,
-    ExitReason.TRIPLE_FAULT: 2, ExitReason.CRASH: 3, ExitReason.TIMEOUT: 124,
+    ExitReason.TRIPLE_FAULT: 4, ExitReason.CRASH: 3, ExitReason.TIMEOUT: 124,
 }
 
 
@@ -206,18 +223,88 @@ class MachineConfig:
     __eq__ = record_eq
 
 
-def _read_file(path: Optional[str], what: str, hint: str) -> Optional[bytes]:
+def check_timeout(timeout: Any) -> Optional[float]:
+    """``timeout`` as seconds (None: no timeout), or MachineError unless it is a positive,
+    finite number no larger than threading.TIMEOUT_MAX (what Event.wait accepts)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise MachineError(f"--timeout must be a number of seconds, not {timeout!r}")
+    if not (math.isfinite(timeout) and 0 < timeout <= threading.TIMEOUT_MAX):
+        raise MachineError(f"--timeout must be a positive, finite number of seconds up to "
+                           f"{threading.TIMEOUT_MAX:.0f} (got {timeout!r}); leave it out for no timeout")
+    return float(timeout)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint: str) -> Optional[bytes]:
+    """The contents of the regular file ``path``, refused before reading when it is anything
+    else (MachineError: a FIFO or /dev/stdin could block forever, /dev/zero never ends) or
+    larger than ``limit`` bytes (BootError: it could not fit in guest RAM anyway)."""
     if path is None:
         return None
+    if path == "":
+        raise MachineError(f"the {what} path is empty: {hint}")
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for a file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise MachineError(f"{what} {path!r} does not exist: {hint}") from None
-    except IsADirectoryError:
-        raise MachineError(f"{what} {path!r} is a directory: {hint}") from None
     except OSError as exc:
         raise MachineError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise MachineError(f"{what} {path!r} is {kind}, not a regular file: {hint}")
+        if st.st_size > limit:
+            raise BootError(f"{what} {path!r} of {human_size(st.st_size)} does not fit in the guest's "
+                            f"{human_size(limit)} of RAM: {limit_hint}")
+        try:
+            os.set_blocking(fd, True)
+            if st.st_size:
+                data = f.read()
+            else:  # files like those in /proc report size 0: read them in bounded pieces
+                data = b""
+                while len(data) <= limit:
+                    piece = f.read(min(1 << 20, limit + 1 - len(data)))
+                    if not piece:
+                        break
+                    data += piece
+        except OSError as exc:
+            raise MachineError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise BootError(f"{what} {path!r} does not fit in the guest's {human_size(limit)} of RAM: {limit_hint}")
+    return data
+
+
+def _host_memory() -> str:
+    """'N GiB of memory, M GiB available' from /proc/meminfo, for a message ('' if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        return f"this host has {human_size(info['MemTotal'])} of memory, {human_size(info['MemAvailable'])} available"
+    except (OSError, KeyError, ValueError):
+        return ""
+
+
+class _HaltRound:
+    """One confirming round for a power-off: every vCPU thread comes out of KVM_RUN (``out``),
+    then each checks its own vCPU and records the verdict (``checked``, whose action decides
+    before any thread goes back into the guest). The barriers break if a thread does not
+    come within HALT_ROUND_WAIT seconds or the run ends (``abort``)."""
+
+    def __init__(self, n: int, decide: Callable[["_HaltRound"], None]) -> None:
+        self.dead = [False] * n
+        self.out = threading.Barrier(n, timeout=HALT_ROUND_WAIT)
+        self.checked = threading.Barrier(n, action=lambda: decide(self), timeout=HALT_ROUND_WAIT)
+
+    def abort(self) -> None:
+        self.out.abort()
+        self.checked.abort()
 
 
 class Machine:
@@ -231,9 +318,19 @@ class Machine:
             raise MachineError(f"--cpus must be between 1 and {MAX_CPUS} (got {config.cpus!r})")
         if config.loop not in ("c", "python"):
             raise MachineError(f"run loop {config.loop!r} is neither 'c' nor 'python'")
+        self.timeout = check_timeout(config.timeout)
         self.layout: Layout = memory_layout(config.memory)
-        kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux")
-        initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)")
+        ram = self.layout.memory
+        kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux",
+                            ram, "is it the kernel? (a bzImage or vmlinux), or give the guest more memory (--memory)")
+        initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)",
+                            ram, "give the guest more memory (--memory) or use a smaller initrd")
+        if initrd is not None and not initrd:
+            raise MachineError(f"initrd {config.initrd!r} is empty: pass an initramfs, or leave --initrd out")
+        if config.vfio:  # one function twice would sit on two slots: refused before anything is opened
+            from pykvm.vmm.pci.preflight import check_unique
+
+            check_unique(config.vfio)
         self.plan: BootPlan = plan_boot(kernel, self.layout, config.cmdline, initrd)
         self.times.mark("boot plan ready")
         self.console = console if console is not None else open_console(config.console)
@@ -257,6 +354,7 @@ class Machine:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._halt_votes: List[int] = []
+        self._round: Optional[_HaltRound] = None  # a confirming round for a power-off, while one runs
         self._panicked = False
         self._watches: List[TextWatch] = [TextWatch(PANIC_TEXT, self._on_panic)]
         if config.marker:
@@ -279,7 +377,7 @@ class Machine:
         vm.create_irqchip()
         vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
         self.gsi = GsiRouter(vm)
-        self.memory = GuestMemory([MemoryRegion(r.gpa, r.size, name=f"ram{i}") for i, r in enumerate(self.layout.ram)])
+        self.memory = self._allocate_ram()
         vm.map_memory(self.memory)
         for addr, data in self.plan.writes:
             self.memory.write(addr, data)
@@ -302,7 +400,25 @@ class Machine:
                 cpu.set_boot_state(vcpu, self.plan)
             self.loops.append(self._make_loop(desc, vcpu))
         self._halt_votes = [0] * cfg.cpus
+        # Here, while no vCPU runs: KVM_GET_STATS_FD takes the vCPU's mutex, which a thread in
+        # KVM_RUN holds (a vCPU waiting for its SIPI never lets go by itself).
+        self._halt_watch = HaltWatch.open(self.vcpus, lambda i: self.loops[i].kick(), HALT_CHECK_INTERVAL)
         self.times.mark("vm built")
+
+    def _allocate_ram(self) -> GuestMemory:
+        """Guest RAM, or MachineError naming the size and the host's memory when it cannot be had."""
+        regions: List[MemoryRegion] = []
+        try:
+            for i, r in enumerate(self.layout.ram):
+                regions.append(MemoryRegion(r.gpa, r.size, name=f"ram{i}"))
+        except OSError as exc:
+            for region in regions:
+                region.close()
+            host = _host_memory()
+            why = "" if exc.errno == errno.ENOMEM else f" ({exc.strerror})"
+            raise MachineError(f"cannot allocate {human_size(self.layout.memory)} of guest RAM{why}"
+                               f"{': ' + host if host else ''}; lower --memory") from None
+        return GuestMemory(regions)
 
     def _make_loop(self, desc: RunLoop, vcpu: Vcpu) -> Union[CRunLoop, PyRunLoop]:
         if self.config.loop == "c":
@@ -384,9 +500,12 @@ class Machine:
             if self._exit is None:
                 self._exit = result
                 self.times.mark("end")
+            rnd = self._round
         for loop in self.loops:
             loop.stop()
         self._done.set()
+        if rnd is not None:
+            rnd.abort()  # threads waiting for each other in a round go and see the run ended
 
     def stop(self, reason: ExitReason = ExitReason.STOPPED, detail: str = "") -> None:
         """End the run from any thread: every vCPU is kicked out of KVM_RUN."""
@@ -401,11 +520,8 @@ class Machine:
             t = threading.Thread(target=self._vcpu_thread, args=(i,), name=f"pykvm-vcpu{i}", daemon=True)
             self._threads.append(t)
             t.start()
-        # After the vCPUs start (it loads pykvm.kvm.stats): until it exists they check on a timer.
-        watch = HaltWatch.open(self.vcpus, lambda i: self.loops[i].kick(), HALT_CHECK_INTERVAL)
-        if watch is not None:
-            watch.start()
-        self._halt_watch = watch
+        if self._halt_watch is not None:
+            self._halt_watch.start()
 
     def _vcpu_thread(self, index: int) -> None:
         loop, vcpu = self.loops[index], self.vcpus[index]
@@ -413,7 +529,7 @@ class Machine:
             self.times.mark("first vCPU entry")
         try:
             while not self._done.is_set():
-                # Without KVM's statistics (or until HaltWatch is up) the check runs on a timer.
+                # Without KVM's statistics the check runs on a timer.
                 result = loop.run_until(timeout=None if self._halt_watch is not None else HALT_CHECK_INTERVAL)
                 if result.status in (Status.EXIT, Status.STOPPED):
                     return
@@ -421,22 +537,62 @@ class Machine:
                     self._finish(MachineExit(ExitReason.ERROR, f"KVM_RUN failed: {result.error}", index))
                     return
                 if result.status in (Status.DEADLINE, Status.INTERRUPTED):
-                    self._check_halted(index, vcpu)
+                    rnd = self._round or self._check_halted(index, vcpu)
+                    if rnd is not None:
+                        self._halt_round(rnd, index, vcpu)
         except Exception as exc:  # a VMM bug must end the run, not leave a dead thread
             log.exception("vcpu%d thread failed", index)
             self._finish(MachineExit(ExitReason.ERROR, f"vCPU thread failed: {exc!r}", index))
 
-    def _check_halted(self, index: int, vcpu: Vcpu) -> None:
-        dead = cpu.halted_for_good(vcpu) or (index > 0 and cpu.waiting_for_sipi(vcpu))
+    @staticmethod
+    def _halted(index: int, vcpu: Vcpu) -> bool:
+        return cpu.halted_for_good(vcpu) or (index > 0 and cpu.waiting_for_sipi(vcpu))
+
+    def _check_halted(self, index: int, vcpu: Vcpu) -> Optional[_HaltRound]:
+        """Count this vCPU's verdict; when every vCPU's verdicts agree it is halted, start a
+        confirming round (or return the one already started) for this thread to join."""
+        dead = self._halted(index, vcpu)
         with self._lock:
             self._halt_votes[index] = self._halt_votes[index] + 1 if dead else 0
-            powered_off = self._halt_votes[0] >= HALT_CHECKS and all(v >= HALT_CHECKS for v in self._halt_votes)
-        if powered_off:
+            if not (dead and all(v >= HALT_CHECKS for v in self._halt_votes)):
+                return None
+            if self._round is not None or self._done.is_set():
+                return self._round
+            rnd = self._round = _HaltRound(len(self.vcpus), self._decide_round)
+        for i, loop in enumerate(self.loops):  # the others leave KVM_RUN and join (this thread is out)
+            if i != index:
+                loop.kick()
+        return rnd
+
+    def _halt_round(self, rnd: _HaltRound, index: int, vcpu: Vcpu) -> None:
+        """This thread's part of a confirming round: wait until every vCPU is out of KVM_RUN, so
+        none can wake another meanwhile, then give a fresh verdict on this vCPU."""
+        try:
+            rnd.out.wait()
+            rnd.dead[index] = dead = self._halted(index, vcpu)
+            if not dead:
+                with self._lock:
+                    self._halt_votes[index] = 0  # its older verdicts are stale: it runs
+            rnd.checked.wait()  # the last to arrive runs _decide_round before anyone goes on
+        except threading.BrokenBarrierError:  # a thread did not come in time, or the run ended
+            with self._lock:
+                if self._round is rnd:
+                    self._round = None
+
+    def _decide_round(self, rnd: _HaltRound) -> None:
+        with self._lock:
+            if self._round is rnd:
+                self._round = None
+        if all(rnd.dead):
             self._finish(MachineExit(ExitReason.POWEROFF, "every vCPU halted with interrupts disabled"))
 
     def wait(self, timeout: Optional[float] = None) -> MachineExit:
         """Block until the run ends (or ``timeout`` seconds pass: then it ends as ``timeout``)."""
-        if not self._done.wait(timeout):
+        timeout = check_timeout(timeout)
+        return self._wait(None if timeout is None else time.monotonic() + timeout, timeout)
+
+    def _wait(self, deadline: Optional[float], timeout: Optional[float]) -> MachineExit:
+        if not self._done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
             self._finish(MachineExit(ExitReason.TIMEOUT, f"no end after {timeout:g} s"))
         for t in self._threads:
             t.join(JOIN_TIMEOUT)
@@ -446,10 +602,13 @@ class Machine:
         return self._exit
 
     def run(self) -> MachineExit:
-        """start(), wait(config.timeout), close(): the whole life of the machine."""
+        """start(), wait(config.timeout), close(): the whole life of the machine. The timeout
+        counts from here, so building the VM and starting its vCPUs are inside it."""
+        timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self.start()
-            return self.wait(self.config.timeout)
+            return self._wait(deadline, timeout)
         finally:
             self.close()
 
@@ -513,4 +672,4 @@ class _MarkerPort:
 
 
 __all__ = ["Machine", "MachineConfig", "MachineExit", "ExitReason", "MachineError", "DEFAULT_CMDLINE",
-           "MARKER_PORT", "EXIT_STATUS", "CONFIG_FIELDS", "ConfigField"]
+           "MARKER_PORT", "EXIT_STATUS", "CONFIG_FIELDS", "ConfigField", "check_timeout"]
