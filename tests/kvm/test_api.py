@@ -109,16 +109,19 @@ def test_kick_from_another_thread_stops_a_spinning_guest(vm):
     result = {}
 
     def runner():
-        result["exit"] = cpu.run()
+        t = time.monotonic()
+        result["exit"] = cpu.run(timeout=5)  # bounded even if kick() is broken (the deadline kicks too)
+        result["took"] = time.monotonic() - t
 
-    th = threading.Thread(target=runner)
+    th = threading.Thread(target=runner, daemon=True)  # a run that never returns cannot hold up exit
     th.start()
     time.sleep(0.2)
     cpu.kick()
-    th.join(5)
-    assert not th.is_alive()
+    th.join(7)
+    assert not th.is_alive(), "the vCPU thread is still inside KVM_RUN"
     assert isinstance(result["exit"], InterruptedExit)
-    assert cpu.immediate_exit
+    assert result["took"] < 2.5, f"the run ended after {result['took']:.1f} s: its own deadline, not the kick, stopped it"
+    assert cpu.immediate_exit  # kick()'s flag stays set (a deadline's own kick is cleared)
     cpu.immediate_exit = False
     assert isinstance(cpu.run(timeout=0.2), InterruptedExit)  # still spinning, bounded by timeout
 
