@@ -146,9 +146,12 @@ def test_register_state_round_trips(vm):
     back = cpu.get_regs()
     assert (back.rax, back.r15, back.rflags) == (0x1122334455667788, 42, 0x202)
     s = cpu.get_sregs()
-    s.cr4 = 0
+    assert s.cr4 == 0  # the reset value
+    s.cr4 = 0x608  # DE | OSFXSR | OSXMMEXCPT: allowed in real mode
+    s.ds.selector, s.ds.base = 0x1234, 0x12340
     cpu.set_sregs(s)
-    assert cpu.get_sregs().cs.selector == 0
+    back = cpu.get_sregs()
+    assert (back.cr4, back.ds.selector, back.ds.base) == (0x608, 0x1234, 0x12340)
     fpu = cpu.get_fpu()
     fpu.fcw = 0x27F
     cpu.set_fpu(fpu)
@@ -157,8 +160,14 @@ def test_register_state_round_trips(vm):
     cpu.set_msrs({0x10: 12345})
     assert cpu.get_msrs([0x10])[0x10] >= 12345  # the TSC keeps counting
     assert cpu.get_mp_state() == MpState.RUNNABLE
+    from pykvm._native import lib
+
     events = cpu.get_vcpu_events()
+    assert events.nmi.pending == 0
+    events.nmi.pending = 1
+    events.flags = lib.KVM_VCPUEVENT_VALID_NMI_PENDING
     cpu.set_vcpu_events(events)
+    assert cpu.get_vcpu_events().nmi.pending == 1  # its delivery: tests/kvm/test_state_roundtrip.py
     entries = kvm_cpuid = vm.kvm.supported_cpuid()
     cpu.set_cpuid2(entries)
     assert {e.function for e in cpu.get_cpuid2()} == {e.function for e in kvm_cpuid}
@@ -179,7 +188,12 @@ def test_lapic_and_irqchip_state(vm):
     ioapic = vm.get_irqchip(2)
     vm.set_irqchip(ioapic)
     pit = vm.get_pit2()
+    assert pit.channels[0].count == 0x10000  # the reset count (a programmed 0 means 65536)
+    pit.channels[0].count, pit.channels[0].mode = 0x1234, 2  # rate generator
+    pit.channels[2].count, pit.channels[2].mode = 0x100, 3  # square wave (the speaker's channel)
     vm.set_pit2(pit)
+    back = vm.get_pit2().channels
+    assert (back[0].count, back[0].mode, back[2].count, back[2].mode) == (0x1234, 2, 0x100, 3)
     vm.irq_line(4, 1)
     vm.irq_line(4, 0)
     assert vm.get_clock().clock > 0
