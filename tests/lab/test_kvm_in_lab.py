@@ -3,8 +3,8 @@
 PVM drops CR0.PG outside long mode, so 32-bit paging (example 03 and its API
 test) skips on the host, SREGS2's PDPTRs (PAE paging) take the PVM branch of
 their test, PVM has no SMM (KVM_SMI skips), and it keeps no nested state and emulates no
-Hyper-V (KVM_GET/SET_NESTED_STATE and KVM_GET_SUPPORTED_HV_CPUID skip); here they must pass
-on the hardware path.
+Hyper-V (KVM_GET/SET_NESTED_STATE and KVM_GET_SUPPORTED_HV_CPUID skip), and its instruction
+emulator has no XGETBV (the guest's view of XCR0 skips); here they must pass on the hardware path.
 
 ``RERUN_IN_LAB`` is the one list of host skips that are covered elsewhere: tests/conftest.py
 lets exactly these skip on the host under PYKVM_REQUIRE_KVM=1 (their reason then names
@@ -30,6 +30,7 @@ RERUN_IN_LAB = (
     "tests/kvm/test_nested_and_hv.py::test_set_nested_state_refuses_invalid_states",
     "tests/kvm/test_nested_and_hv.py::test_guest_clgi_and_stgi_show_in_the_svm_gif_flag",
     "tests/kvm/test_nested_and_hv.py::test_supported_hv_cpuid_reports_the_kvm_hyperv_leaves",
+    "tests/kvm/test_state_roundtrip.py::test_xcr0_set_from_user_space_is_what_the_guests_xgetbv_reads",
 )
 
 
