@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from pykvm.host.bdf import BdfError, parse_bdf
@@ -38,13 +38,54 @@ def test_bdf_rejects_malformed_with_a_fix(bad):
     assert "not a PCI address" in str(err.value) and "0000:00:05.0" in err.value.fix
 
 
-@given(st.text(max_size=20))
+def _hex(max_size: int) -> st.SearchStrategy[str]:
+    return st.text("0123456789abcdefABCDEF", min_size=1, max_size=max_size)
+
+
+_space = st.sampled_from(["", "", " ", "\t", "\n", " \n"])
+# (domain or None, bus, device, function, leading, trailing): device up to 0xff and function up to
+# 9, so that both of parse_bdf's range checks refuse some
+_bdf_parts = st.tuples(st.none() | _hex(4), _hex(2), _hex(2), st.sampled_from("0123456789"), _space, _space)
+
+
+def _bdf_text(parts) -> str:
+    domain, bus, dev, fn, lead, trail = parts
+    return f"{lead}{'' if domain is None else domain + ':'}{bus}:{dev}.{fn}{trail}"
+
+
+def _spliced(args) -> str:
+    text, junk, at = args
+    at = min(at, len(text))
+    return text[:at] + junk + text[at:]
+
+
+@given(st.one_of(
+    st.text(max_size=20),
+    _bdf_parts.map(_bdf_text),  # shaped like a PCI address
+    st.tuples(_bdf_parts.map(_bdf_text), st.text(min_size=1, max_size=3), st.integers(0, 16)).map(_spliced),
+))
 def test_bdf_any_text_is_either_canonical_or_rejected(text):
     try:
         canon = parse_bdf(text)
     except BdfError:
+        event("rejected")
         return
-    assert parse_bdf(canon) == canon and len(canon) == 12
+    event("canonical")
+    assert parse_bdf(canon) == canon and len(canon) == 12 and canon == canon.lower()
+    assert parse_bdf(canon.upper()) == canon
+
+
+@given(_bdf_parts)
+def test_bdf_shaped_text_is_taken_exactly_when_device_and_function_fit(parts):
+    domain, bus, dev, fn, _, _ = parts
+    text = _bdf_text(parts)
+    if int(dev, 16) <= 0x1F and int(fn) <= 7:
+        event("taken")
+        assert parse_bdf(text) == f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn}"
+    else:
+        event("refused: device" if int(dev, 16) > 0x1F else "refused: function")
+        with pytest.raises(BdfError):
+            parse_bdf(text)
 
 
 # -- kernel command line ----------------------------------------------------------
