@@ -2,6 +2,7 @@
 #include "runloop.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
@@ -46,10 +47,23 @@ static void fill(uint8_t *dst, uint64_t value, uint32_t size, uint32_t count)
         memcpy(dst + (size_t)i * size, &value, size); /* x86: little-endian */
 }
 
+/* The holder may be a thread the host preempted (more vCPU threads than CPUs), or one in
+ * KVM_IRQ_LINE (uart_line): spin politely on a plain load with pause, and give the CPU
+ * away after a while instead of burning it until the holder runs again. */
+#define UART_LOCK_SPINS 1000
+
 static void uart_lock(struct pykvm_rl_uart *u)
 {
-    while (__atomic_exchange_n(&u->lock, 1, __ATOMIC_ACQUIRE))
-        ;
+    unsigned spins = 0;
+    while (__atomic_exchange_n(&u->lock, 1, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(&u->lock, __ATOMIC_RELAXED)) {
+            _mm_pause();
+            if (++spins >= UART_LOCK_SPINS) {
+                sched_yield();
+                spins = 0;
+            }
+        }
+    }
 }
 
 static void uart_unlock(struct pykvm_rl_uart *u)

@@ -285,3 +285,36 @@ def test_a_command_line_that_is_not_utf8_reaches_the_guest_byte_for_byte(tmp_pat
                        env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr.decode(errors="replace")
     assert p.stdout == b"a=\xff b"
+
+
+# -- the C loop's UART lock under contention (review finding 12) ---------------------------------------
+def test_several_vcpus_writing_the_uart_at_once_lose_no_byte(tmp_path, kvm):
+    """Seven APs write THR at the same time (the C loop's transmit path takes uart_lock for
+    each byte) on a host with fewer CPUs than vCPU threads, where a lock holder gets preempted:
+    the lock now spins with pause and yields the CPU after a while. Every byte arrives and the
+    run ends."""
+    cpus, n = 8, 2000
+    ap = (b"\xba\xf8\x03"                        # mov dx, 0x3f8
+          + b"\xb9" + struct.pack("<H", n)        # mov cx, n
+          + b"\xb0\x61\xee"                       # again: mov al, 'a' ; out dx, al
+          + b"\xe2\xfb"                           # loop again
+          + b"\xf0\xfe\x06" + struct.pack("<H", AP_STARTED)  # lock inc byte [AP_STARTED]
+          ) + CLI_HLT
+    bsp = (b"\xbb\x00\x03\xe0\xfe"               # mov ebx, 0xfee00300 (ICR low)
+           b"\xc7\x03\x00\x45\x0c\x00"           # INIT to all but self
+           b"\xc7\x03\x08\x46\x0c\x00"           # SIPI vector 8 to all but self
+           + b"\x80\x3c\x25" + struct.pack("<I", AP_STARTED) + bytes([cpus - 1])  # wait: cmp byte [..], cpus-1
+           + b"\x75\xf6"                          # jne wait
+           + print_byte(ord("B")) + RESET + JMP_SELF)
+    con = BufferConsole()
+    m = Machine(MachineConfig(kernel=elf_file(tmp_path, bsp), memory="16M", cpus=cpus), console=con)
+    try:
+        m.build()
+        m.memory.write(AP_CODE, ap)
+        m.start()
+        result = m.wait(60.0)
+    finally:
+        m.close()
+    assert result.reason is ExitReason.RESET, result
+    assert con.output == b"a" * (n * (cpus - 1)) + b"B"
+    assert sum(s.c_handled["IO"] for s in m.exit_stats()) >= n * (cpus - 1)  # THR answered in C
