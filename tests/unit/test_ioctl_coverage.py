@@ -122,6 +122,13 @@ def bound_methods(ioctls: Set[str]) -> Dict[str, Set[str]]:
     return out
 
 
+def binding_properties() -> Set[str]:
+    """Qualified names of the bindings' properties (used by reading them, not by calling)."""
+    return {qualname for package in BINDINGS for path in (ROOT / "pykvm" / package).rglob("*.py")
+            for qualname, fn in _functions(ast.parse(path.read_text()))
+            if any(isinstance(d, ast.Name) and d.id in ("property", "cached_property") for d in fn.decorator_list)}
+
+
 def _binding_callers() -> Dict[str, Set[str]]:
     """{function name: qualified names of the binding functions that mention it}."""
     callers: Dict[str, Set[str]] = {}
@@ -133,31 +140,57 @@ def _binding_callers() -> Dict[str, Set[str]]:
     return callers
 
 
-def names_used_by_callers() -> Set[str]:
-    used: Set[str] = set()
+def _name(node: ast.AST) -> str:
+    return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+
+
+def names_used_by_callers() -> Tuple[Set[str], Set[str]]:
+    """(names the tests and examples call, pass as an argument or bind to a name they call, e.g.
+    ``cpu.nmi()``, ``pytest.raises(..., cpu.set_xcrs, x)``, ``probe = device.probe_feature`` then
+    ``probe(...)``; every attribute they read, e.g. ``nmi`` in ``events.nmi.pending``)."""
+    called: Set[str] = set()
+    read: Set[str] = set()
     for top in CALLERS:
         for path in (ROOT / top).rglob("*.py"):
-            if path.resolve() != Path(__file__).resolve():
-                used |= _names_used(ast.parse(path.read_text()))
-    return used
+            if path.resolve() == Path(__file__).resolve():
+                continue
+            tree = ast.parse(path.read_text())
+            aliases: Dict[str, Set[str]] = {}  # local name -> attributes bound to it
+            here: Set[str] = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    here |= {_name(n) for n in (node.func, *node.args, *(k.value for k in node.keywords))}
+                elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute):
+                    for target in node.targets:
+                        aliases.setdefault(_name(target), set()).add(node.value.attr)
+                elif isinstance(node, ast.Attribute):
+                    read.add(node.attr)
+            called |= here
+            called.update(*(attrs for alias, attrs in aliases.items() if alias in here))
+    return called, read
 
 
-def uncalled(bound: Dict[str, Set[str]], used: Set[str]) -> Set[str]:
+def uncalled(bound: Dict[str, Set[str]], called: Set[str], read: Set[str] = frozenset(),
+             properties: Set[str] = frozenset()) -> Set[str]:
     """The bound methods no test or example calls. A public method counts when a test or an
-    example names it (``__init__``: its class); a private helper (``_ioeventfd``) or a module
-    function (``msrs_get``) when a binding function that mentions it counts."""
+    example calls it by name, or passes it to a call (``__init__``: its class); a property when
+    one reads it; a private helper (``_ioeventfd``) or a module function (``msrs_get``) when a
+    binding function that mentions it counts. By name only: another class's method of the same
+    name counts too."""
     callers = _binding_callers()
 
-    def called(qualname: str, seen: Tuple[str, ...] = ()) -> bool:
+    def counted(qualname: str, seen: Tuple[str, ...] = ()) -> bool:
         cls, _, name = qualname.rpartition(".")
         if name == "__init__":
-            return cls in used
+            return cls in called
+        if qualname in properties:
+            return name in read
         if cls and not name.startswith("_"):
-            return name in used
-        return name in used or any(called(c, seen + (qualname,)) for c in callers.get(name, set()) - {qualname}
-                                   if c not in seen)
+            return name in called
+        return name in called or any(counted(c, seen + (qualname,)) for c in callers.get(name, set()) - {qualname}
+                                     if c not in seen)
 
-    return {q for q in bound if not called(q)}
+    return {q for q in bound if not counted(q)}
 
 
 def test_every_bound_method_is_called_by_a_test_or_an_example():
@@ -165,17 +198,23 @@ def test_every_bound_method_is_called_by_a_test_or_an_example():
         pytest.skip("the kernel headers are not installed: test_every_x86_ioctl_is_bound_or_listed_with_a_reason says so")
     bound = bound_methods(header_ioctls("KVM") | header_ioctls("VFIO"))
     assert {"Vcpu.run", "Vm.create_vcpu", "Container.map_dma"} <= set(bound)  # the scan finds the bindings
-    missing = uncalled(bound, names_used_by_callers())
+    called, read = names_used_by_callers()
+    missing = uncalled(bound, called, read, binding_properties())
     assert missing - set(NOT_CALLED) == set(), "call these from a test (or list them in NOT_CALLED with the reason)"
     assert set(NOT_CALLED) - missing == set(), "listed in NOT_CALLED, but called now (or no longer a bound method)"
 
 
 def test_the_call_check_sees_a_method_no_test_calls():
-    """uncalled() on made-up input: a public method counts only when named; a private helper
-    through its callers; __init__ through its class."""
-    bound = {"Vm.used": {"A"}, "Vm.unused": {"B"}, "Vm._helper": {"C"}, "Vcpu.__init__": {"D"}}
-    assert uncalled(bound, {"used", "Vcpu"}) == {"Vm.unused", "Vm._helper"}  # nothing in pykvm mentions _helper
-    assert uncalled(bound, {"used"}) == {"Vm.unused", "Vm._helper", "Vcpu.__init__"}
+    """uncalled() on made-up input: a public method counts only when called (reading an attribute
+    of its name does not), a property when read, a private helper through its callers, __init__
+    through its class."""
+    bound = {"Vm.used": {"A"}, "Vm.unused": {"B"}, "Vm._helper": {"C"}, "Vcpu.__init__": {"D"}, "Kvm.prop": {"E"}}
+    assert uncalled(bound, {"used", "Vcpu"}, {"unused", "prop"}, {"Kvm.prop"}) == {"Vm.unused", "Vm._helper"}
+    assert uncalled(bound, {"used"}, set(), {"Kvm.prop"}) == {"Vm.unused", "Vm._helper", "Vcpu.__init__", "Kvm.prop"}
     real = bound_methods({"KVM_IOEVENTFD"})
     assert real == {"Vm._ioeventfd": {"KVM_IOEVENTFD"}}
     assert uncalled(real, {"ioeventfd"}) == set() and uncalled(real, set()) == {"Vm._ioeventfd"}
+    assert {"Kvm.api_version", "Kvm.vcpu_mmap_size"} <= binding_properties()
+    called, read = names_used_by_callers()
+    assert "nmi" in read and "set_xcrs" in called  # events.nmi.pending is read; set_xcrs passed to expect_kvm_error
+    assert "probe_feature" in called  # bound to a name, then called (tests/lab/test_vfio_ioeventfd_and_feature.py)
