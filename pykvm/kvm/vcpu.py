@@ -439,7 +439,7 @@ class Vcpu(FdObject):
                 "writeable": c.writeable, "usermode": c.usermode}
 
     def nmi(self) -> None:
-        """KVM_NMI: queue an NMI (in-kernel LAPIC)."""
+        """KVM_NMI: queue an NMI for this vCPU (with or without the in-kernel irqchip)."""
         self._ioctl("KVM_NMI")
 
     def interrupt(self, vector: int) -> None:
@@ -508,7 +508,13 @@ class Vcpu(FdObject):
         return self._ioctl("KVM_GET_TSC_KHZ")
 
     def set_tsc_khz(self, khz: int) -> None:
-        """KVM_SET_TSC_KHZ: the guest TSC frequency (KVM scales it; needs KVM_CAP_TSC_CONTROL)."""
+        """KVM_SET_TSC_KHZ: the guest TSC frequency. With TSC scaling (KVM_CAP_TSC_CONTROL)
+        any rate KVM supports; without it, only rates within KVM's tolerance of the host's
+        or faster ones (KVM catches the guest TSC up in software), others are EINVAL (and
+        KVM_GET_TSC_KHZ then reports the refused rate all the same). Rates of 2^31 kHz and
+        up are refused here: KVM_GET_TSC_KHZ returns the rate as the ioctl's int result."""
+        if not 0 <= khz < 1 << 31:
+            raise ValueError(f"TSC rate {khz} kHz is outside 0..2^31-1 kHz")
         self._ioctl("KVM_SET_TSC_KHZ", khz)
 
     def stats(self) -> "KvmStats":

@@ -223,7 +223,7 @@ def test_random_port_and_mmio_accesses_never_crash_the_vmm(kernel_file, accesses
 def test_triple_fault_ends_the_run_without_crashing_the_vmm(kernel_file):
     code = b"\x0f\x0b" + JMP_SELF  # ud2 with the boot IDT (limit 0): #UD -> #GP -> #DF -> shutdown
     m, _ = run(kernel_file(code), timeout=3.0)
-    assert m.exit.reason is ExitReason.TRIPLE_FAULT and m.exit.status == 2, m.exit
+    assert m.exit.reason is ExitReason.TRIPLE_FAULT and m.exit.status == 4, m.exit
 
 
 # -- bad input: clear errors before any VM or vCPU exists -----------------------------
