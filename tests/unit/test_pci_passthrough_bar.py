@@ -9,7 +9,6 @@ import errno
 import logging
 from typing import List, Tuple
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
