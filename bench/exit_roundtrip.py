@@ -83,8 +83,10 @@ TARGETS = {"pykvm C run loop": 1.05, "pykvm Python run loop": 1.5, "bare Vcpu.ru
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("-n", "--iterations", type=int, default=6000, help="exits per measurement")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median reported; default 15)")
+    # a measurement of 6000 exits lasts ~0.1 s, shorter than the load swings of a shared machine
+    # (7.6-17.6 us per exit within one round under load 2.7): longer ones and more rounds
+    p.add_argument("-n", "--iterations", type=int, default=20000, help="exits per measurement (default 20000)")
+    p.add_argument("--rounds", type=int, default=25, help="interleaved rounds (median reported; default 25)")
     p.add_argument("--seed", type=int, help="seed of the variants' order in each round (default: a new one, printed)")
     args = p.parse_args()
     names = ["raw C", "pykvm C run loop", "pykvm Python run loop", "bare Vcpu.run() loop"]
