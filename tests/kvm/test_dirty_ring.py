@@ -91,7 +91,11 @@ def test_a_full_ring_stops_its_vcpu_until_reset(vm):
     assert DirtyRingFullExit in exits
     assert [t for t in exits if t is not DirtyRingFullExit] == [IoExit, HltExit]
     harvested += ring.harvest()
-    assert sorted(harvested) == logged(*range(220))
+    assert sorted(set(harvested)) == logged(*range(220))
+    # Where writes fault one by one (kvm_amd in L1), the write that filled the ring is cut
+    # short by the stop, re-protected by the reset and logged again when it is retried:
+    # at most one page more per stop.
+    assert len(harvested) - len(set(harvested)) <= exits.count(DirtyRingFullExit)
     region.close()
 
 
