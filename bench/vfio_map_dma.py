@@ -162,7 +162,7 @@ def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("-n", "--iterations", type=int, default=2000, help="4 KiB map+unmap pairs per measurement "
                                                                        "(2 MiB: a quarter of it)")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median reported; default 15)")
+    p.add_argument("--rounds", type=int, default=25, help="interleaved rounds (median reported; default 25)")
     args = p.parse_args()
     if not os.path.exists("/dev/vfio/vfio") and os.environ.get("PYKVM_IN_LAB") != "1":
         return in_lab(args)
