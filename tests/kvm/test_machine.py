@@ -285,33 +285,16 @@ def test_cli_runs_a_tiny_guest_from_a_config_file(tmp_path, kernel_file):
 
 
 def test_stdio_console_raw_mode_escape_quits_and_restores_the_terminal(kernel_file):
-    import pty
-    import select
     import termios
-    import time
+
+    from tests.kvm.pty_run import pykvm_on_a_pty
 
     path = kernel_file(print_bytes(b"ready\n") + JMP_SELF)  # spins until the user quits
-    master, slave = pty.openpty()
-    before = termios.tcgetattr(slave)
-    p = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--kernel", path, "--memory", "16M", "--timeout", "30"],
-                         stdin=slave, stdout=slave, stderr=subprocess.PIPE,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    try:
-        seen, deadline = b"", time.monotonic() + 30
-        while b"ready" not in seen and time.monotonic() < deadline:
-            if select.select([master], [], [], 0.5)[0]:
-                seen += os.read(master, 1024)
-        assert b"ready" in seen
-        assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw while the guest runs
-        os.write(master, b"\x01x")  # Ctrl-A x
-        assert p.wait(20) == 0
-        assert "guest stopped" in p.stderr.read().decode()
-        assert termios.tcgetattr(slave) == before
-    finally:
-        if p.poll() is None:
-            p.kill()
-        os.close(master)
-        os.close(slave)
+    with pykvm_on_a_pty(["--kernel", path, "--memory", "16M", "--timeout", "30"], b"ready") as run:
+        os.write(run.master, b"\x01x")  # Ctrl-A x
+        assert run.process.wait(20) == 0
+        assert "guest stopped" in run.process.stderr.read().decode()
+        assert termios.tcgetattr(run.slave) == run.before
 
 
 def test_boot_marker_from_a_port_write_and_from_console_text(kernel_file):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pty
-import select
 import signal
 import struct
 import subprocess
@@ -23,6 +21,7 @@ from pykvm.vmm.console import BufferConsole
 from pykvm.vmm.halt_watch import HaltWatch
 from pykvm.vmm.machine import HALT_CHECKS, ExitReason, Machine, MachineConfig, MachineError
 from tests.conftest import require_or_skip
+from tests.kvm.pty_run import pykvm_on_a_pty
 from tests.unit.kernel_images import make_bzimage, make_elf
 
 pytestmark = pytest.mark.kvm
@@ -213,29 +212,12 @@ def test_sigterm_and_sighup_end_the_run_and_restore_the_terminal(tmp_path, kvm, 
     """`kill`, `timeout`, systemd or a closed ssh session: the process used to die with the
     terminal still raw (no echo, no line editing)."""
     path = elf_file(tmp_path, print_byte(ord("r")) + print_byte(ord("\n")) + JMP_SELF)
-    master, slave = pty.openpty()
-    before = termios.tcgetattr(slave)
-    p = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--kernel", path, "--memory", "16M",
-                          "--timeout", "30"], stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
-    try:
-        seen, deadline = b"", time.monotonic() + 30
-        while b"r\n" not in seen and time.monotonic() < deadline:
-            if select.select([master], [], [], 0.5)[0]:
-                seen += os.read(master, 1024)
-        assert b"r\n" in seen
-        assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw while the guest runs
-        p.send_signal(signo)
-        assert p.wait(20) == 128 + signo
-        err = p.stderr.read().decode()
+    with pykvm_on_a_pty(["--kernel", path, "--memory", "16M", "--timeout", "30"], b"r\n") as run:
+        run.process.send_signal(signo)
+        assert run.process.wait(20) == 128 + signo
+        err = run.process.stderr.read().decode()
         assert f"stopped by {signal.Signals(signo).name} (exit status {128 + signo})" in err, err
-        assert termios.tcgetattr(slave) == before
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        os.close(master)
-        os.close(slave)
+        assert termios.tcgetattr(run.slave) == run.before
 
 
 # -- an initrd above 4 GiB (review finding 6) ----------------------------------------------------------
