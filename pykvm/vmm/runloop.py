@@ -494,15 +494,17 @@ class CRunLoop(_Loop):
         rl, vcpu, desc = self._rl, self.vcpu, self.desc
         rl.exits_left = ALL_ONES if max_exits is None else max(max_exits, 1)
         rl.deadline_ns = deadline or 0  # C compares the coarse clock: at most a tick late
-        # the vCPU's run protocol: kick() signals this thread, close() waits for it, and
-        # run_c/page keep the kvm_run page mapped for C and the exits until the loop returns
-        _fd, run_c, page = vcpu._enter_run()
         if self._uart is not None:
             self._uart.enter()
         try:
-            return self._loop(rl, run_c, page, desc, predicate)
+            # the vCPU's run protocol: kick() signals this thread, close() waits for it, and
+            # run_c/page keep the kvm_run page mapped for C and the exits until the loop returns
+            _fd, run_c, page = vcpu._enter_run()
+            try:
+                return self._loop(rl, run_c, page, desc, predicate)
+            finally:
+                vcpu._leave_run()
         finally:
-            vcpu._leave_run()
             rl.last_reason = -1
             if self._uart is not None:
                 self._uart.leave()  # drains what C queued
