@@ -231,6 +231,10 @@ def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optio
                 continue
             raise HostError(f"{d.bdf} is bound to {d.driver}, not to vfio-pci: there is nothing of pykvm's to restore",
                             f"unbind it from {d.driver} yourself if that is what you want")
+        if d.driver is None and saved is None and d.driver_override not in (None, VFIO_DRIVER):
+            raise HostError(f"{d.bdf} has no driver and is claimed for {d.driver_override} (its driver_override), "
+                            "not by pykvm: there is nothing of pykvm's to restore",
+                            f"clear it yourself if that is what you want: echo > {devices_dir(d.bdf)}/driver_override")
         if d.driver == VFIO_DRIVER and d.iommu_group is not None and root.is_real:
             _refuse_if_open(d.bdf, d.iommu_group)
         todo.append((d, saved))
@@ -242,7 +246,11 @@ def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optio
     start = len(root.writes)
     for d, saved in todo:
         base = devices_dir(d.bdf)
-        override = (saved or {}).get("driver_override") or "\n"  # a lone newline clears the override
+        # A lone newline clears the override. An override of vfio-pci that the device had before
+        # bind (a half-done manual or interrupted bind) is not put back: the probe below would
+        # hand the device straight back to vfio-pci instead of its driver.
+        override = (saved or {}).get("driver_override")
+        override = override if override and override != VFIO_DRIVER else "\n"
         writes = [(f"{base}/driver_override", override)]
         if d.driver:
             writes.append((f"{base}/driver/unbind", d.bdf))

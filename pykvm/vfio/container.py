@@ -341,7 +341,12 @@ class Container(FdObject):
         done = lib.pykvm_vfio_unmap_dma(self._fd, iova, size)
         if done < 0:
             err = ffi.errno
-            hint = " (the range cuts a mapping in two: unmap whole mappings)" if err == errno.EINVAL else ""
+            hint = ""
+            if err == errno.EINVAL:
+                if (iova | size) & (mmap.PAGESIZE - 1) or not size:
+                    hint = f" (unmap_dma needs a page-aligned iova and a non-zero page-multiple size ({size:#x}))"
+                else:
+                    hint = " (the range cuts a mapping in two: unmap whole mappings)"
             raise vfio_error(err, f"unmap of [{iova:#x}, {iova + size:#x}) failed: {os.strerror(err)}{hint}",
                              "VFIO_IOMMU_UNMAP_DMA")
         mapping = self._mappings.get(iova)

@@ -180,7 +180,12 @@ class Device(FdObject):
         except VfioError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            info = self.irq_info(arg.index)
+            try:
+                info = self.irq_info(arg.index)
+            except VfioError:
+                raise vfio_error(errno.EINVAL, f"{self.name}: SET_IRQS refused: no interrupt index {arg.index} "
+                                               f"(the device has indexes 0..{self.info.num_irqs - 1})",
+                                 "VFIO_DEVICE_SET_IRQS") from None
             raise vfio_error(errno.EINVAL, f"{self.name}: SET_IRQS on {info.name} vectors "
                                            f"[{arg.start}, {arg.start + arg.count}) refused; the index has "
                                            f"{info.count} vector(s), flags {info.flags:#x}"

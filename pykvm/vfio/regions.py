@@ -230,14 +230,18 @@ class Region:
         """
         size = self.info.size - offset if size is None else size
         areas = self.info.mmap_areas()
-        if not any(a.offset <= offset and offset + size <= a.offset + a.size for a in areas):
+        if offset < 0 or size <= 0 or not any(a.offset <= offset and offset + size <= a.offset + a.size for a in areas):
             listing = ", ".join(f"[{a.offset:#x}, {a.offset + a.size:#x})" for a in areas) or "none"
             raise vfio_error(errno.EINVAL, f"region {self.index}: [{offset:#x}, {offset + size:#x}) is not inside an "
                                 f"mmap area (areas: {listing}); use read()/write() instead", "mmap")
         if offset % mmap.PAGESIZE:
             raise ValueError(f"mmap offset {offset:#x} is not page aligned")
-        mm = mmap.mmap(self.device.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                       offset=self.info.offset + offset)
+        try:
+            mm = mmap.mmap(self.device.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=self.info.offset + offset)
+        except OSError as exc:
+            raise vfio_error(exc.errno, f"mmap of region {self.index} [{offset:#x}, {offset + size:#x}) refused: "
+                                        f"{exc.strerror}", "mmap") from None
         mmio = Mmio(mm, offset)
         self.device._mmaps.add(mmio)
         return mmio
