@@ -160,8 +160,18 @@ class Device(FdObject):
         self._set_irqs(irq_set(index, start, len(eventfds), lib.VFIO_IRQ_SET_ACTION_UNMASK, eventfds=eventfds))
 
     def disable_irqs(self, index: int) -> None:
-        """Tear down every vector of ``index`` (the device falls back to no interrupts)."""
-        self._set_irqs(irq_set(index, 0, 0, lib.VFIO_IRQ_SET_ACTION_TRIGGER))
+        """Tear down every vector of ``index`` (the device falls back to no interrupts).
+        Idempotent: vfio-pci answers EINVAL for an index that is not enabled, which here is
+        no error (so a ``finally: disable_irqs(...)`` after a failed ``set_irqs`` cannot
+        hide that failure); an index the device does not have still raises."""
+        try:
+            self._ioctl("VFIO_DEVICE_SET_IRQS", irq_set(index, 0, 0, lib.VFIO_IRQ_SET_ACTION_TRIGGER))
+        except VfioError as exc:
+            if exc.errno != errno.EINVAL or not 0 <= index < self.info.num_irqs:
+                raise vfio_error(exc.errno, f"{self.name}: SET_IRQS could not disable interrupt index {index}"
+                                 + (f" (the device has indexes 0..{self.info.num_irqs - 1})"
+                                    if exc.errno == errno.EINVAL else f": {exc.strerror}"),
+                                 "VFIO_DEVICE_SET_IRQS") from None
 
     def mask(self, index: int, start: int = 0, count: int = 1) -> None:
         self._set_irqs(irq_set(index, start, count, lib.VFIO_IRQ_SET_ACTION_MASK))

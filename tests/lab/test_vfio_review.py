@@ -104,3 +104,16 @@ def test_mmap_of_an_empty_range_is_a_vfio_error(edu):
         assert exc.value.errno == errno.EINVAL and exc.value.ioctl == "mmap", str(exc.value)
     assert len(edu.device._mmaps) == before
     assert edu.alive()
+
+
+def test_disabling_interrupts_that_are_not_enabled_is_a_no_op(edu):
+    """vfio-pci answers EINVAL to disabling an index that is not enabled; a cleanup's
+    disable_irqs after a failed set_irqs used to raise that (with NORESIZE advice) and hide
+    the real error. A missing index still raises, naming SET_IRQS."""
+    for index in (lib.VFIO_PCI_MSI_IRQ_INDEX, lib.VFIO_PCI_INTX_IRQ_INDEX):
+        edu.device.disable_irqs(index)
+        edu.device.disable_irqs(index)
+    with pytest.raises(VfioError, match="could not disable interrupt index 9") as exc:
+        edu.device.disable_irqs(9)
+    assert exc.value.errno == errno.EINVAL and exc.value.ioctl == "VFIO_DEVICE_SET_IRQS"
+    assert edu.alive()
