@@ -168,12 +168,11 @@ def bind(root: Root, bdf: str, *, whole_group: bool = False, allow_split: bool =
     paths += [f"{devices_dir(d.bdf)}/driver/unbind" for d in moving if d.driver]
     state = _state_dir(root, state_dir)
     _require_writable(root, paths, state)
-    if not root.dry_run:
-        for d in moving:
-            _state_path(root, state_dir, d.bdf).write_text(json.dumps(
-                {"bdf": d.bdf, "driver": d.driver, "driver_override": d.driver_override, "group": group.number}) + "\n")
     start = len(root.writes)
     for d in moving:
+        if not root.dry_run:  # each record just before its device moves: a refusal leaves none for the rest
+            _state_path(root, state_dir, d.bdf).write_text(json.dumps(
+                {"bdf": d.bdf, "driver": d.driver, "driver_override": d.driver_override, "group": group.number}) + "\n")
         base = devices_dir(d.bdf)
         writes = [(f"{base}/driver_override", VFIO_DRIVER)]
         if d.driver:

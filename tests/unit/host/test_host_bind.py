@@ -181,6 +181,19 @@ def test_a_refused_write_is_undone(tree):
     assert state_of(tree) is None
 
 
+def test_a_refused_write_in_a_group_leaves_no_record_for_devices_it_never_moved(tree):
+    """bind --group wrote every device's saved state before the first sysfs write: a refusal
+    at the first device left records of drivers for devices pykvm never touched."""
+    shared(tree)
+    probe = tree.path("/sys/bus/pci/drivers_probe")
+    probe.unlink()
+    probe.mkdir()  # the first device's probe is refused
+    with pytest.raises(HostError, match="refused writing"):
+        bind(tree.root, NVME, whole_group=True)
+    assert state_of(tree) is None and state_of(tree, "0000:00:06.0") is None
+    assert tree.read("/sys/bus/pci/devices/0000:00:06.0/driver_override") == "(null)\n"  # never touched
+
+
 def test_restore_clears_override_unbinds_vfio_and_probes(tree):
     tree.lab_like()
     bind(tree.root, NVME)
