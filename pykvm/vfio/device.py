@@ -167,11 +167,10 @@ class Device(FdObject):
         try:
             self._ioctl("VFIO_DEVICE_SET_IRQS", irq_set(index, 0, 0, lib.VFIO_IRQ_SET_ACTION_TRIGGER))
         except VfioError as exc:
-            if exc.errno != errno.EINVAL or not 0 <= index < self.info.num_irqs:
-                raise vfio_error(exc.errno, f"{self.name}: SET_IRQS could not disable interrupt index {index}"
-                                 + (f" (the device has indexes 0..{self.info.num_irqs - 1})"
-                                    if exc.errno == errno.EINVAL else f": {exc.strerror}"),
-                                 "VFIO_DEVICE_SET_IRQS") from None
+            if exc.errno != errno.EINVAL:
+                raise
+            if not 0 <= index < self.info.num_irqs:
+                raise self._no_such_index(index, "SET_IRQS could not disable") from None
 
     def mask(self, index: int, start: int = 0, count: int = 1) -> None:
         self._set_irqs(irq_set(index, start, count, lib.VFIO_IRQ_SET_ACTION_MASK))
@@ -193,14 +192,16 @@ class Device(FdObject):
             try:
                 info = self.irq_info(arg.index)
             except VfioError:
-                raise vfio_error(errno.EINVAL, f"{self.name}: SET_IRQS refused: no interrupt index {arg.index} "
-                                               f"(the device has indexes 0..{self.info.num_irqs - 1})",
-                                 "VFIO_DEVICE_SET_IRQS") from None
+                raise self._no_such_index(arg.index, "SET_IRQS refused: no") from None
             raise vfio_error(errno.EINVAL, f"{self.name}: SET_IRQS on {info.name} vectors "
                                            f"[{arg.start}, {arg.start + arg.count}) refused; the index has "
                                            f"{info.count} vector(s), flags {info.flags:#x}"
                                            + (" (NORESIZE: disable the index and set all vectors at once)"
                                               if info.noresize else ""), "VFIO_DEVICE_SET_IRQS") from None
+
+    def _no_such_index(self, index: int, what: str) -> VfioError:
+        return vfio_error(errno.EINVAL, f"{self.name}: {what} interrupt index {index} "
+                                        f"(the device has indexes 0..{self.info.num_irqs - 1})", "VFIO_DEVICE_SET_IRQS")
 
     # -- ioeventfds and features ---------------------------------------------
     def ioeventfd(self, region: int, offset: int, data: int, size: int, eventfd: Union[int, "EventFd"]) -> IoEventFd:
