@@ -102,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
     overrides = {
         "kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline, "memory": args.memory,
         "cpus": args.cpus, "console": args.console, "stats": args.stats, "marker": args.marker,
-        "timeout": args.timeout, "vfio": args.vfio, "loop": args.loop,
+        "timeout": args.timeout, "vfio": args.vfio, "loop": args.loop, "direct": args.direct,
     }
     return merge(load_config(args.config) if args.config else {}, overrides)
 
@@ -160,5 +160,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--vfio", action="append", default=[], metavar="BDF",
                    help="pass this PCI device through (bound to vfio-pci); repeatable")
     p.add_argument("--loop", choices=("c", "python"), help="vCPU run loop (default c)")
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
+                   help="boot a bzImage's kernel directly: pykvm decompresses it once (kept in ~/.cache/pykvm/kernels) "
+                        "and enters it at startup_64, so the guest skips its decompressor (and KASLR: the kernel "
+                        "runs where it was linked)")
     p.set_defaults(func=cmd_run)
     return p

@@ -12,6 +12,7 @@ Example ``vm.toml``::
     marker = "login:"
     timeout = 60
     vfio = ["0000:00:05.0"]
+    direct = true                    # a bzImage's kernel decompressed by pykvm (cached), as --direct
 
 Options given on the command line override the file's values; paths given on the command
 line (--kernel, --initrd, --console file:PATH) are relative to the current directory, as usual.

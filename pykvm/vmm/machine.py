@@ -62,6 +62,7 @@ import errno
 import math
 import os
 import stat
+import sys
 import threading
 import time
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
@@ -74,6 +75,8 @@ from pykvm.kvm.exits import Exit, SystemEventExit
 from pykvm.memory import GuestMemory, MemoryRegion
 from pykvm.vmm import cpu
 from pykvm.vmm.boot import BootError, BootPlan, plan_boot
+from pykvm.vmm.boot.bzimage import is_bzimage, parse_bzimage
+from pykvm.vmm.boot.vmlinux_cache import direct_kernel
 from pykvm.vmm.bus import Bus
 from pykvm.vmm.console import Console, ConsoleUart, open_console
 from pykvm.vmm.devices.i8042 import I8042
@@ -180,6 +183,7 @@ CONFIG_FIELDS: Tuple[ConfigField, ...] = (
     ConfigField("timeout", (int, float), None),  # seconds; the run ends with status 124 after it
     ConfigField("vfio", (list,), ()),  # PCI devices to pass through (BDF or sysfs path); a new list each
     ConfigField("loop", (str,), "c"),  # "c": the C run loop; "python": the pure-Python loop
+    ConfigField("direct", (bool,), False),  # a bzImage's kernel decompressed by the VMM (cached), no guest decompressor
 )
 _DEFAULT = {f.name: f.default for f in CONFIG_FIELDS}
 
@@ -199,6 +203,7 @@ class MachineConfig:
     timeout: Optional[float]
     vfio: List[str]
     loop: str
+    direct: bool
 
     _repr_fields = _eq_fields = __slots__
 
@@ -206,7 +211,8 @@ class MachineConfig:
                  memory: Union[str, int] = _DEFAULT["memory"], cpus: int = _DEFAULT["cpus"],
                  console: str = _DEFAULT["console"], stats: bool = _DEFAULT["stats"],
                  marker: Optional[str] = _DEFAULT["marker"], timeout: Optional[float] = _DEFAULT["timeout"],
-                 vfio: Optional[List[str]] = None, loop: str = _DEFAULT["loop"]) -> None:
+                 vfio: Optional[List[str]] = None, loop: str = _DEFAULT["loop"],
+                 direct: bool = _DEFAULT["direct"]) -> None:
         self.kernel = kernel
         self.initrd = initrd
         self.cmdline = cmdline
@@ -218,6 +224,7 @@ class MachineConfig:
         self.timeout = timeout
         self.vfio = list(_DEFAULT["vfio"]) if vfio is None else vfio
         self.loop = loop
+        self.direct = direct
 
     __repr__ = record_repr
     __eq__ = record_eq
@@ -331,7 +338,7 @@ class Machine:
             from pykvm.vmm.pci.preflight import check_unique
 
             check_unique(config.vfio)
-        self.plan: BootPlan = plan_boot(kernel, self.layout, config.cmdline, initrd)
+        self.plan: BootPlan = self._plan(kernel, initrd)
         self.times.mark("boot plan ready")
         self.console = console if console is not None else open_console(config.console)
         self.console.on_quit = lambda: self.stop(ExitReason.STOPPED, "console escape key")
@@ -359,6 +366,22 @@ class Machine:
         self._watches: List[TextWatch] = [TextWatch(PANIC_TEXT, self._on_panic)]
         if config.marker:
             self._watches.append(TextWatch(config.marker.encode(), lambda: self.times.mark("guest marker")))
+
+    def _plan(self, kernel: bytes, initrd: Optional[bytes]) -> BootPlan:
+        """The boot plan; with ``direct`` a bzImage's kernel comes decompressed from the
+        vmlinux cache (decompressed and cached now on the first boot of that image)."""
+        cfg = self.config
+        if not (cfg.direct and is_bzimage(kernel)):
+            return plan_boot(kernel, self.layout, cfg.cmdline, initrd)
+        bz = parse_bzimage(kernel)
+        t0 = time.monotonic()
+        vmlinux = direct_kernel(cfg.kernel, bz)
+        if vmlinux.extracted:
+            where = f" into {vmlinux.path}" if vmlinux.path else ""
+            print(f"pykvm: --direct: decompressed the kernel ({human_size(len(vmlinux.image))}){where} in "
+                  f"{time.monotonic() - t0:.1f} s; later boots of this image start from there", file=sys.stderr)
+        return plan_boot(vmlinux.image, self.layout, cfg.cmdline, initrd, setup_header=bz.header,
+                         extents=vmlinux.extents)
 
     # -- building ------------------------------------------------------------------------
     def build(self) -> None:

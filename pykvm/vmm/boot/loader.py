@@ -26,16 +26,24 @@ would help (and the size suggested is one that works).
   at the PVH entry in 32-bit protected mode without paging, ebx = hvm_start_info.
 - ELF vmlinux without a PVH note (or ``pvh=False``): entered at e_entry
   (startup_64) like a bzImage, with a synthetic setup header.
+- Direct boot (``setup_header``): the vmlinux decompressed from a bzImage
+  (:mod:`.vmlinux_cache`), entered at its startup_64 with the bzImage's own setup
+  header in the zero page, so the boot protocol's limits (command line size,
+  initrd_addr_max, XLF_CAN_BE_LOADED_ABOVE_4G) are the kernel's. The guest skips its
+  decompressor, and with it KASLR: the kernel runs where it was linked.
+
+ELF segments are written only where the file may hold data (``extents``, from the
+file system's holes) and not at all past their file size (.bss): fresh RAM is zero.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .. import layout as L
 from ..cpu_tables import (
     RFLAGS_RESERVED, SpecialRegs, gdt_bytes, identity_page_tables, long_mode_sregs, protected_mode_sregs,
 )
-from .bzimage import ENTRY_64_OFFSET, XLF_CAN_BE_LOADED_ABOVE_4G, BzImage, is_bzimage, parse_bzimage
+from .bzimage import ENTRY_64_OFFSET, XLF_CAN_BE_LOADED_ABOVE_4G, BzImage, SetupHeader, is_bzimage, parse_bzimage
 from .elf import ElfKernel, is_elf, parse_elf
 from .errors import BootError, BootImageError
 from .zeropage import build_pvh_start_info, build_zero_page, synthetic_setup_header
@@ -44,6 +52,7 @@ IDENTITY_MAP_GIB = 4  # everything below 4 GiB: kernel, zero page, cmdline, init
 ELF_CMDLINE_SIZE = 2047  # x86 COMMAND_LINE_SIZE (2048) less the NUL, for kernels without a header
 
 Write = Tuple[int, Union[bytes, memoryview]]
+Extent = Tuple[int, int]  # (file offset, length)
 
 
 class EntryRegs(NamedTuple):
@@ -59,7 +68,7 @@ class EntryRegs(NamedTuple):
 class BootPlan(NamedTuple):
     """Everything a vCPU needs to start the kernel: the bytes to write into RAM, the entry and its registers."""
 
-    kind: str  # "bzimage", "elf64" or "pvh"
+    kind: str  # "bzimage", "elf64", "direct" or "pvh"
     writes: Tuple[Write, ...]  # (guest-physical address, bytes), in RAM, non-overlapping
     entry: int
     boot_params: int  # address of boot_params (zero page) or hvm_start_info
@@ -81,8 +90,12 @@ def plan_boot(
     cmdline: Union[str, bytes] = "",
     initrd: Optional[bytes] = None,
     pvh: bool = True,
+    setup_header: Optional[SetupHeader] = None,
+    extents: Optional[Sequence[Extent]] = None,
 ) -> BootPlan:
     """Check and lay out a boot of ``kernel`` (bzImage or ELF vmlinux); see the module doc.
+    ``setup_header``: boot the ELF ``kernel`` directly, with the header of the bzImage it came
+    from. ``extents``: the parts of an ELF file that may hold data (None: all of it).
 
     A str ``cmdline`` is encoded as UTF-8, with the bytes of undecodable arguments
     (Python's surrogateescape, as ``sys.argv`` holds them) passed through unchanged."""
@@ -99,7 +112,7 @@ def plan_boot(
     if is_bzimage(kernel):
         return _plan_bzimage(parse_bzimage(kernel), layout, cmd, initrd)
     if is_elf(kernel):
-        return _plan_elf(kernel, parse_elf(kernel), layout, cmd, initrd, pvh)
+        return _plan_elf(kernel, parse_elf(kernel), layout, cmd, initrd, pvh, setup_header, extents)
     raise BootImageError("kernel is neither a bzImage (no 'HdrS' header) nor an ELF vmlinux: pass e.g. /boot/vmlinuz-*")
 
 
@@ -223,21 +236,24 @@ def _plan_bzimage(img: BzImage, layout: L.Layout, cmd: bytes, initrd: Optional[b
     return _long_mode_plan("bzimage", load + ENTRY_64_OFFSET, writes, (load, hdr.init_size), initrd, placed, cmd)
 
 
-def _plan_elf(image: bytes, elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd: Optional[bytes], pvh: bool) -> BootPlan:
-    _check_cmdline(cmd, ELF_CMDLINE_SIZE)
+def _plan_elf(image: bytes, elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd: Optional[bytes], pvh: bool,
+              header: Optional[SetupHeader] = None, extents: Optional[Sequence[Extent]] = None) -> BootPlan:
+    _check_cmdline(cmd, ELF_CMDLINE_SIZE if header is None else header.cmdline_size)
+    addr_max = None if header is None else header.initrd_addr_max
+    above_4g = header is not None and bool(header.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G)
+    kernel_end = _align_up(elf.end, L.PAGE_SIZE)
     for s in elf.segments:
         if s.paddr < L.HIGH_MEMORY_START or s.end > layout.low_ram_end:
             raise _kernel_misfit(f"kernel segment at {s.paddr:#x}+{s.memsz:#x} is outside RAM", s.paddr,
-                                 max(elf.end, s.end), layout, "program header", initrd, _align_up(elf.end, L.PAGE_SIZE))
-    placed = _place_initrd(initrd, _align_up(elf.end, L.PAGE_SIZE), layout)
+                                 max(elf.end, s.end), layout, "program header", initrd, kernel_end, addr_max, above_4g)
+    placed = _place_initrd(initrd, kernel_end, layout, addr_max, above_4g)
     writes = _common_writes(cmd)
     view = memoryview(image)
-    for s in elf.segments:
-        writes.append((s.paddr, view[s.offset:s.offset + s.filesz]))
-        if s.memsz > s.filesz:
-            writes.append((s.paddr + s.filesz, bytes(s.memsz - s.filesz)))
+    for s in elf.segments:  # past filesz (.bss) RAM stays as it is: zero
+        for off, size in _data_in(s.offset, s.filesz, extents):
+            writes.append((s.paddr + off - s.offset, view[off:off + size]))
     kernel_range = (elf.start, elf.end - elf.start)
-    if pvh and elf.pvh_entry is not None:
+    if header is None and pvh and elf.pvh_entry is not None:
         info = build_pvh_start_info(L.PVH_START_INFO_ADDR, layout.e820, L.CMDLINE_ADDR, placed)
         writes.append((L.PVH_START_INFO_ADDR, info))
         writes += _initrd_write(initrd, placed)
@@ -247,9 +263,23 @@ def _plan_elf(image: bytes, elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd
             sregs=protected_mode_sregs(L.BOOT_GDT_ADDR, L.BOOT_IDT_ADDR),
             kernel=kernel_range, initrd=placed, cmdline=cmd,
         )
-    zero_page = build_zero_page(synthetic_setup_header(ELF_CMDLINE_SIZE), layout.e820, L.CMDLINE_ADDR, elf.start, placed)
+    raw = synthetic_setup_header(ELF_CMDLINE_SIZE) if header is None else header.raw
+    zero_page = build_zero_page(raw, layout.e820, L.CMDLINE_ADDR, elf.start, placed)
     writes.append((L.ZERO_PAGE_ADDR, zero_page))
-    return _long_mode_plan("elf64", elf.entry, writes, kernel_range, initrd, placed, cmd)
+    return _long_mode_plan("elf64" if header is None else "direct", elf.entry, writes, kernel_range, initrd, placed, cmd)
+
+
+def _data_in(offset: int, size: int, extents: Optional[Sequence[Extent]]) -> List[Extent]:
+    """The parts of file range [offset, offset + size) inside ``extents`` (all of it if None)."""
+    if extents is None:
+        return [(offset, size)] if size else []
+    end = offset + size
+    parts = []
+    for start, length in extents:
+        lo, hi = max(start, offset), min(start + length, end)
+        if lo < hi:
+            parts.append((lo, hi - lo))
+    return parts
 
 
 def _long_mode_plan(kind: str, entry: int, writes: List[Write], kernel_range: Tuple[int, int],

@@ -1,0 +1,170 @@
+"""The kernel inside a bzImage: its compressed payload, decompressed in the VMM.
+
+A bzImage's protected-mode part is the decompressor followed by the compressed
+``vmlinux.bin`` (the kernel's ELF image, stripped, with its relocation table appended);
+setup header fields ``payload_offset``/``payload_length`` (boot protocol 2.08) locate it,
+and its last four bytes hold the decompressed size (for gzip the ISIZE trailer, for the
+other formats four bytes the kernel's build appends after the stream). :func:`extract_vmlinux` returns that ELF,
+so a VMM can load it itself and enter the kernel at ``startup_64`` without running the
+decompressor in the guest ("direct boot": what Firecracker asks of its users, done here
+from the bzImage they have).
+
+gzip, xz, lzma and bzip2 payloads decompress with the standard library; zstd with
+``compression.zstd`` (Python 3.14) or the ``zstd`` command, lz4 and lzo with the ``lz4`` and
+``lzop`` commands. A missing decompressor is a clear error, not a guess.
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+from .bzimage import BzImage
+from .elf import ElfKernel, is_elf, parse_elf
+from .errors import BootImageError
+
+MIN_PAYLOAD_PROTOCOL = 0x0208  # payload_offset/payload_length
+MAX_VMLINUX = 1 << 30  # a decompressed size beyond this is a corrupt trailer, not a kernel
+
+
+class Format(NamedTuple):
+    name: str
+    magic: bytes
+    command: Optional[Tuple[str, ...]]  # decompress stdin to stdout, when not in the standard library
+    package: str  # Debian package with the command
+
+
+FORMATS = (
+    Format("gzip", b"\x1f\x8b", None, ""),
+    Format("xz", b"\xfd7zXZ\x00", None, ""),
+    Format("bzip2", b"BZh", None, ""),
+    Format("zstd", b"\x28\xb5\x2f\xfd", ("zstd", "-d", "-c", "-q"), "zstd"),
+    Format("lz4", b"\x02\x21\x4c\x18", ("lz4", "-d", "-c", "-q"), "lz4"),
+    Format("lzo", b"\x89LZO", ("lzop", "-d", "-c", "-q"), "lzop"),
+    Format("lzma", b"\x5d\x00\x00", None, ""),  # LZMA-alone: properties byte 0x5d, dictionary size LE
+)
+
+
+def payload_format(payload: bytes) -> Format:
+    """The compression of ``payload``, from its magic bytes; BootImageError if none matches."""
+    for fmt in FORMATS:
+        if payload[:len(fmt.magic)] == fmt.magic:
+            return fmt
+    raise BootImageError(f"the bzImage's payload starts with {bytes(payload[:6]).hex()}, which is no compression "
+                         f"Linux uses ({', '.join(f.name for f in FORMATS)}): corrupt image?")
+
+
+def _gzip(data: bytes) -> bytes:
+    import zlib
+
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = d.decompress(data)
+    if not d.eof:
+        raise ValueError("the gzip stream ends early")
+    return out
+
+
+def _xz(data: bytes) -> bytes:
+    import lzma
+
+    return _lzma_like(data, lzma.FORMAT_XZ)
+
+
+def _lzma(data: bytes) -> bytes:
+    import lzma
+
+    return _lzma_like(data, lzma.FORMAT_ALONE)
+
+
+def _lzma_like(data: bytes, fmt: int) -> bytes:
+    import lzma
+
+    d = lzma.LZMADecompressor(format=fmt)
+    out = d.decompress(data)
+    if not d.eof and fmt != lzma.FORMAT_ALONE:  # LZMA-alone written with a known size has no end mark
+        raise ValueError("the xz stream ends early")
+    return out
+
+
+def _bzip2(data: bytes) -> bytes:
+    import bz2
+
+    d = bz2.BZ2Decompressor()
+    out = d.decompress(data)
+    if not d.eof:
+        raise ValueError("the bzip2 stream ends early")
+    return out
+
+
+def _zstd_library() -> Optional[Callable[[bytes], bytes]]:
+    try:
+        from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
+    except ImportError:
+        return None
+    return zstd.decompress
+
+
+STDLIB: Dict[str, Callable[[bytes], bytes]] = {"gzip": _gzip, "xz": _xz, "lzma": _lzma, "bzip2": _bzip2}
+
+
+def decompress(fmt: Format, data: bytes) -> bytes:
+    """``data`` decompressed as ``fmt``; BootImageError saying why not (corrupt, or no decompressor)."""
+    decoder = STDLIB.get(fmt.name) or (_zstd_library() if fmt.name == "zstd" else None)
+    try:
+        if decoder is not None:
+            return decoder(bytes(data))
+    except (ValueError, OSError, EOFError, MemoryError) as exc:  # zlib.error, lzma.LZMAError are ValueError/OSError
+        raise BootImageError(f"the bzImage's {fmt.name} payload does not decompress ({exc}): corrupt image") from None
+    assert fmt.command is not None
+    if shutil.which(fmt.command[0]) is None:
+        raise BootImageError(f"the bzImage's payload is {fmt.name}-compressed and this host has no `{fmt.command[0]}` "
+                             f"to decompress it: install it (apt-get install {fmt.package}), or boot without --direct")
+    p = subprocess.run(fmt.command, input=bytes(data), capture_output=True)
+    if p.returncode:
+        why = p.stderr.decode(errors="replace").strip().splitlines()
+        raise BootImageError(f"the bzImage's {fmt.name} payload does not decompress "
+                             f"({why[-1] if why else f'{fmt.command[0]} exit status {p.returncode}'}): corrupt image")
+    return p.stdout
+
+
+class Vmlinux(NamedTuple):
+    """The kernel ELF recovered from a bzImage, with its parse."""
+
+    image: bytes  # the ELF file: headers, segments and section headers (the relocation table dropped)
+    elf: ElfKernel
+    compression: str
+
+
+def extract_vmlinux(bz: BzImage) -> Vmlinux:
+    """Decompress ``bz``'s payload and check it is the x86-64 kernel ELF; BootImageError otherwise."""
+    hdr = bz.header
+    if hdr.version < MIN_PAYLOAD_PROTOCOL or hdr.payload_length < 5:
+        raise BootImageError(f"this bzImage (boot protocol {hdr.version_string}) does not say where its compressed "
+                             "kernel is (payload_offset/payload_length, protocol 2.08): boot it without --direct")
+    payload = bz.kernel[hdr.payload_offset:hdr.payload_offset + hdr.payload_length]
+    fmt = payload_format(payload)
+    size = struct.unpack_from("<I", payload, len(payload) - 4)[0]
+    if not 64 <= size <= MAX_VMLINUX:
+        raise BootImageError(f"the bzImage's payload says it decompresses to {size} bytes: corrupt image")
+    out = decompress(fmt, payload if fmt.name == "gzip" else payload[:-4])  # gzip's trailer is its own
+    if len(out) != size:
+        raise BootImageError(f"the bzImage's {fmt.name} payload decompressed to {len(out)} bytes, not the {size} "
+                             "its trailer records: corrupt image")
+    if not is_elf(out):
+        raise BootImageError(f"the bzImage's payload ({fmt.name}) is not an ELF kernel (starts {out[:4].hex()}): "
+                             "boot it without --direct")
+    elf = parse_elf(out)
+    return Vmlinux(out[:elf_file_size(out)], elf, fmt.name)
+
+
+def elf_file_size(image: bytes) -> int:
+    """Bytes of the ELF file at the start of ``image``: through its last segment, header
+    table or section header table (what follows, e.g. vmlinux.relocs, is not part of it)."""
+    phoff, shoff = struct.unpack_from("<QQ", image, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 0x36)
+    end = max(64, phoff + phentsize * phnum, shoff + shentsize * shnum if shoff else 0)
+    for i in range(phnum):
+        off, _vaddr, _paddr, filesz = struct.unpack_from("<QQQQ", image, phoff + i * phentsize + 8)
+        end = max(end, off + filesz)
+    return min(end, len(image))

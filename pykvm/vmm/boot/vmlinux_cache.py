@@ -1,0 +1,146 @@
+"""Direct boot's kernel: the vmlinux inside a bzImage, decompressed once and kept on disk.
+
+Decompressing Debian's kernel (66 MB of xz) is most of a boot when the guest does it under
+nested virtualization, and still a few hundred milliseconds in the VMM: so the ELF is kept
+in ``$XDG_CACHE_HOME/pykvm/kernels`` (``~/.cache/...``; ``PYKVM_KERNEL_CACHE`` overrides),
+under a name made of the bzImage's real path, size, inode and modification time (a kernel
+rebuilt or replaced in place gets a new entry; the old one for that path is removed).
+
+The cached file is a plain ELF vmlinux (``pykvm run --kernel`` and QEMU boot it too) written
+sparse: pages of zeros are holes. Loading asks the file system where the data is
+(``SEEK_DATA``/``SEEK_HOLE``) and copies only that into guest RAM, which is fresh and
+zero-filled: half of Debian's kernel image is zero pages (.bss and friends). An entry is
+written to a temporary name and renamed, so a crash leaves no half file under the real name.
+Without a writable cache the kernel is decompressed on every boot.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import sys
+from pathlib import Path
+from typing import List, NamedTuple, Optional, Tuple
+
+from .bzimage import BzImage
+from .elf import ElfKernel, parse_elf
+from .payload import extract_vmlinux
+
+PAGE = 4096
+Extent = Tuple[int, int]  # (file offset, length) of bytes that may be non-zero
+
+
+class DirectKernel(NamedTuple):
+    """A vmlinux ready to load: the file's bytes, where its data is, and where it came from."""
+
+    image: "bytes | mmap.mmap"
+    elf: ElfKernel
+    extents: Optional[List[Extent]]  # None: all of the file may hold data
+    path: Optional[Path]  # the cache entry, None when nothing could be cached
+    extracted: bool  # decompressed by this call (a cache miss)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PYKVM_KERNEL_CACHE"):
+        return Path(os.environ["PYKVM_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pykvm" / "kernels"
+
+
+def entry_name(bzimage_path: str) -> Tuple[str, str]:
+    """(prefix, file name) of the cache entry for the bzImage at ``bzimage_path`` as it is now:
+    the prefix names the path, the rest the file's identity (size, inode, mtime)."""
+    real = os.path.realpath(bzimage_path)
+    st = os.stat(real)
+    prefix = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
+    return prefix, f"{prefix}-{st.st_size}-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}.vmlinux"
+
+
+def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[Path] = None) -> DirectKernel:
+    """The vmlinux of ``bz`` (read from ``bzimage_path``): from the cache, or decompressed and
+    cached now. BootImageError when the payload is not a kernel this can decompress."""
+    directory = cache_dir() if directory is None else directory
+    prefix, name = entry_name(bzimage_path)
+    path = directory / name
+    try:
+        return load(path)
+    except (OSError, ValueError):  # no entry yet (or an unreadable one): make it
+        pass
+    vmlinux = extract_vmlinux(bz)
+    try:
+        store(vmlinux.image, path, prefix)
+    except OSError as exc:
+        print(f"pykvm: cannot cache the decompressed kernel in {directory} ({exc.strerror}): it is decompressed "
+              "again on every boot (set PYKVM_KERNEL_CACHE to a writable directory)", file=sys.stderr)
+        return DirectKernel(vmlinux.image, vmlinux.elf, None, None, True)
+    return DirectKernel(vmlinux.image, vmlinux.elf, data_extents(path), path, True)
+
+
+def load(path: Path) -> DirectKernel:
+    """A cached vmlinux, mapped read-only (its pages come from the page cache, not copied)."""
+    with open(path, "rb") as f:
+        image = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            extents = _extents(f.fileno(), len(image))
+        except BaseException:
+            image.close()
+            raise
+    try:
+        elf = parse_elf(image)
+    except BaseException:
+        image.close()
+        raise
+    return DirectKernel(image, elf, extents, path, False)
+
+
+def store(image: bytes, path: Path, prefix: str) -> None:
+    """Write ``image`` to ``path`` with its zero pages as holes, atomically, and remove the
+    other entries for the same bzImage path (``prefix``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    zero = bytes(PAGE)
+    view = memoryview(image)
+    try:
+        with open(tmp, "wb") as f:
+            for off in range(0, len(image), PAGE):
+                page = view[off:off + PAGE]
+                if page != zero[:len(page)]:
+                    f.seek(off)
+                    f.write(page)
+            f.truncate(len(image))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    for old in path.parent.glob(f"{prefix}-*.vmlinux"):
+        if old != path:
+            try:
+                old.unlink()
+            except OSError:
+                pass
+
+
+def data_extents(path: Path) -> Optional[List[Extent]]:
+    with open(path, "rb") as f:
+        return _extents(f.fileno(), os.fstat(f.fileno()).st_size)
+
+
+def _extents(fd: int, size: int) -> Optional[List[Extent]]:
+    """The file's data ranges from SEEK_DATA/SEEK_HOLE; None where the file system cannot say."""
+    extents: List[Extent] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            return None  # EINVAL: no hole support here
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        extents.append((start, min(end, size) - start))
+        pos = end
+    return extents
