@@ -155,8 +155,9 @@ def guest_cmdline() -> str:
 
 def pykvm_argv(kernel: Path, initrd: Path, *, vfio: Sequence[str] = (), memory: str = GUEST_MEMORY,
                cpus: int = 1, cmdline: Optional[str] = None, timeout: float = 240.0,
-               marker: Optional[str] = None, stats: bool = True) -> List[str]:
-    """The ``python3 -m pykvm run`` command line for an L2 guest with ``vfio`` passed through."""
+               marker: Optional[str] = None, stats: bool = True, direct: bool = False) -> List[str]:
+    """The ``python3 -m pykvm run`` command line for an L2 guest with ``vfio`` passed through
+    (``direct``: boot the bzImage's kernel directly, ``--direct``)."""
     cmdline = cmdline or guest_cmdline()
     argv = [sys.executable, "-m", "pykvm", "run", "--kernel", str(kernel), "--initrd", str(initrd),
             "--cpus", str(cpus), "--memory", memory, "--cmdline", cmdline, "--console", "stdio",
@@ -165,6 +166,8 @@ def pykvm_argv(kernel: Path, initrd: Path, *, vfio: Sequence[str] = (), memory: 
         argv += ["--marker", marker]
     if stats:
         argv.append("--stats")
+    if direct:
+        argv.append("--direct")
     for bdf in vfio:
         argv += ["--vfio", bdf]
     return argv

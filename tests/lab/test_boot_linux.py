@@ -6,10 +6,11 @@ timeout; its exit status and console output are what is checked.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 
@@ -40,6 +41,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo "{marker} nproc=$(nproc)"
 grep -m1 "model name" /proc/cpuinfo
+grep -m1 "Kernel code" /proc/iomem
 {action}
 """
 
@@ -63,10 +65,11 @@ def l2_initramfs(path: Path, action: str = "poweroff -f") -> Path:
     return path
 
 
-def pykvm_run(kernel: Path, initrd: Path, cpus: int, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
-    argv = pykvm_argv(kernel, initrd, cpus=cpus, timeout=timeout, marker=MARKER)
+def pykvm_run(kernel: Path, initrd: Path, cpus: int, timeout: float = BOOT_TIMEOUT, direct: bool = False,
+              env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    argv = pykvm_argv(kernel, initrd, cpus=cpus, timeout=timeout, marker=MARKER, direct=direct)
     return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                          timeout=timeout + 60, cwd=ROOT)
+                          timeout=timeout + 60, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,20 @@ def test_debian_kernel_boots_to_init_and_powers_off(kernel, images, cpus):
 def test_guest_reboot_ends_the_run_cleanly(kernel, images):
     p = pykvm_run(kernel, images["reboot"], 2)
     check_booted(p, 2, "reset")
+
+
+def test_direct_boot_runs_the_kernel_where_it_was_linked_and_caches_it(kernel, images, tmp_path):
+    """--direct: the first run decompresses the bzImage's kernel into the cache, the second
+    starts from there; both guests boot to init with 2 vCPUs, and their kernel code sits at
+    its link address, 0x1000000 (the decompressor, which would have put it at a random
+    place for KASLR, never ran: the command line has no nokaslr)."""
+    env = dict(os.environ, PYKVM_KERNEL_CACHE=str(tmp_path / "kernels"))
+    for first in (True, False):
+        p = pykvm_run(kernel, images["poweroff"], 2, direct=True, env=env)
+        check_booted(p, 2, "poweroff")
+        assert ("decompressed the kernel" in p.stderr) == first, p.stderr
+        assert re.search(r"^\s*01000000-[0-9a-f]+ : Kernel code\r?$", p.stdout, re.M), p.stdout[-2000:]
+    assert len(list((tmp_path / "kernels").glob("*.vmlinux"))) == 1
 
 
 def test_missing_initrd_is_refused_before_the_guest_runs(kernel, tmp_path):
