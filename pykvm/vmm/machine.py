@@ -76,7 +76,6 @@ from pykvm.memory import GuestMemory, MemoryRegion
 from pykvm.vmm import cpu
 from pykvm.vmm.boot import BootError, BootPlan, plan_boot
 from pykvm.vmm.boot.bzimage import is_bzimage, parse_bzimage
-from pykvm.vmm.boot.vmlinux_cache import direct_kernel
 from pykvm.vmm.bus import Bus
 from pykvm.vmm.console import Console, ConsoleUart, open_console
 from pykvm.vmm.devices.i8042 import I8042
@@ -373,6 +372,8 @@ class Machine:
         cfg = self.config
         if not (cfg.direct and is_bzimage(kernel)):
             return plan_boot(kernel, self.layout, cfg.cmdline, initrd)
+        from pykvm.vmm.boot.vmlinux_cache import direct_kernel  # only here: its imports cost start-up
+
         bz = parse_bzimage(kernel)
         t0 = time.monotonic()
         vmlinux = direct_kernel(cfg.kernel, bz)

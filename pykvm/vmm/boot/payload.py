@@ -15,9 +15,7 @@ gzip, xz, lzma and bzip2 payloads decompress with the standard library; zstd wit
 """
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from .bzimage import BzImage
@@ -110,12 +108,18 @@ STDLIB: Dict[str, Callable[[bytes], bytes]] = {"gzip": _gzip, "xz": _xz, "lzma":
 
 def decompress(fmt: Format, data: bytes) -> bytes:
     """``data`` decompressed as ``fmt``; BootImageError saying why not (corrupt, or no decompressor)."""
+    import lzma
+    import zlib
+
     decoder = STDLIB.get(fmt.name) or (_zstd_library() if fmt.name == "zstd" else None)
     try:
         if decoder is not None:
             return decoder(bytes(data))
-    except (ValueError, OSError, EOFError, MemoryError) as exc:  # zlib.error, lzma.LZMAError are ValueError/OSError
+    except (zlib.error, lzma.LZMAError, OSError, ValueError, EOFError, MemoryError) as exc:  # bz2: OSError
         raise BootImageError(f"the bzImage's {fmt.name} payload does not decompress ({exc}): corrupt image") from None
+    import shutil
+    import subprocess
+
     assert fmt.command is not None
     if shutil.which(fmt.command[0]) is None:
         raise BootImageError(f"the bzImage's payload is {fmt.name}-compressed and this host has no `{fmt.command[0]}` "
