@@ -3,7 +3,8 @@
 Run inside L1 (one lab run holds both):
 
     python3 -m pykvm lab run [--timeout S] -- python3 bench/boot_time.py [--cpus N] [--rounds R] [--phases]
-        [--variants qemu64,pykvm,cold,nosite,debian] [--append ARGS] [--seed N] [--json PATH]
+        [--variants qemu64,pykvm,cold,nosite,debian,direct,debian-direct,qemu-vmlinux] [--append ARGS]
+        [--seed N] [--json PATH]
 
 Both VMMs boot Debian's stock kernel (the lab's) with the busybox initramfs of
 tests/lab/test_boot_linux.py, whose /init prints a marker and powers off. The
@@ -36,6 +37,14 @@ least ``common.MIN_ROUNDS`` rounds and the interval clearing it too. Many rounds
 rows (``--variants``) make that interval narrow (the default, 9 rounds of all six rows,
 takes ~10 min in L1: give ``lab run`` the ``--timeout``); ``--append`` adds kernel
 parameters for both VMMs (``nokaslr``: the kernel decompresses where it was loaded).
+"pykvm run --direct" (and its Debian's-python3 twin) boots the same bzImage with ``--direct``:
+pykvm decompresses the kernel itself, once, into its kernel cache, and enters it without the
+guest's decompressor (and without KASLR). The first such boot, which fills the cache, runs
+before the rounds and is printed on its own; the rounds then start from the cache, as every
+boot after a user's first does. "qemu -cpu host, vmlinux (PVH)" gives QEMU that same cached
+vmlinux (QEMU boots an ELF through its PVH note): against it the report shows what is left
+when both VMMs skip the decompressor, i.e. how much of --direct's gain is the kernel format
+rather than the VMM.
 For pykvm the report also gives the median time from process start to the first
 vCPU entry (its --stats), i.e. how the time splits into VMM start-up and guest.
 
@@ -186,14 +195,35 @@ def print_phases(phases: Dict[str, List[dict]]) -> None:
 
 
 BASELINE = "qemu -accel kvm -cpu host"
+DIRECT_ROW = "pykvm run --direct"
+DISTRO_DIRECT_ROW = "pykvm run --direct (Debian's python3)"
+QEMU_VMLINUX_ROW = "qemu -cpu host, vmlinux (PVH)"
 VARIANTS = {  # --variants key: row name (the baseline always runs)
     "qemu64": "qemu -accel kvm (qemu64)",
     "pykvm": "pykvm run",
     "cold": "pykvm run (no bytecode)",
     "nosite": "pykvm run (python -S)",
     "debian": DISTRO_ROW,
+    "direct": DIRECT_ROW,
+    "debian-direct": DISTRO_DIRECT_ROW,
+    "qemu-vmlinux": QEMU_VMLINUX_ROW,
 }
-TARGETS = ("pykvm run", DISTRO_ROW)  # issue 4: faster than the baseline
+TARGETS = ("pykvm run", DISTRO_ROW, DIRECT_ROW, DISTRO_DIRECT_ROW)  # issue 4: faster than the baseline
+DIRECT_ROWS = (DIRECT_ROW, DISTRO_DIRECT_ROW)
+
+
+def prepare_direct(argv: List[str], env: Dict[str, str], stderr_path: str, cache: str) -> str:
+    """Run ``argv`` (a ``pykvm run --direct``) once with an empty kernel cache, untimed as a
+    round: it decompresses the kernel into ``cache``. Prints that first boot's time; returns
+    the cached vmlinux (what QEMU's vmlinux row boots)."""
+    seconds = time_to_marker(argv, env, stderr_path)
+    with open(stderr_path, errors="replace") as f:
+        note = next((line.strip() for line in f if "decompressed the kernel" in line), "no decompression reported")
+    print(f"first --direct boot, which fills the kernel cache: {seconds:.2f} s ({note})", flush=True)
+    found = sorted(Path(cache).glob("*.vmlinux"))
+    if len(found) != 1:
+        raise SystemExit(f"bench: expected one vmlinux in {cache} after the first --direct boot, found {len(found)}")
+    return str(found[0])
 
 
 def main() -> None:
@@ -237,17 +267,28 @@ def main() -> None:
             "pykvm run (no bytecode)": (pykvm_argv, cold_bytecode_env()),
             "pykvm run (python -S)": ([pykvm_argv[0], "-S", *pykvm_argv[1:]], no_site_env(warm)),
         }
-        distro = distribution_python(warm) if DISTRO_ROW in chosen else None
+        distro_rows = {DISTRO_ROW, DISTRO_DIRECT_ROW} & chosen
+        distro = distribution_python(warm) if distro_rows else None
         if distro is not None:
             variants[DISTRO_ROW] = ([distro[0], *pykvm_argv[1:]], distro[1])
-        elif DISTRO_ROW in chosen:
-            print(f"bench: no '{DISTRO_ROW}' row: /usr/bin/python3 is this interpreter, or cannot load pykvm's "
-                  "extension (another Python version, or no python3-cffi-backend)", flush=True)
+        elif distro_rows:
+            print(f"bench: no {' or '.join(sorted(distro_rows))} row: /usr/bin/python3 is this interpreter, or cannot "
+                  "load pykvm's extension (another Python version, or no python3-cffi-backend)", flush=True)
+        stderr_path = os.path.join(tmp, "stderr")
+        if chosen & {DIRECT_ROW, DISTRO_DIRECT_ROW, QEMU_VMLINUX_ROW}:
+            cache = os.path.join(tmp, "kernels")
+            variants[DIRECT_ROW] = (pykvm_argv + ["--direct"], dict(warm, PYKVM_KERNEL_CACHE=cache))
+            if distro is not None:
+                variants[DISTRO_DIRECT_ROW] = ([distro[0], *pykvm_argv[1:], "--direct"],
+                                               dict(distro[1], PYKVM_KERNEL_CACHE=cache))
+            vmlinux = prepare_direct(*variants[DIRECT_ROW], stderr_path, cache)
+            qemu_pvh = variants[BASELINE][0][:]
+            qemu_pvh[qemu_pvh.index("-kernel") + 1] = vmlinux
+            variants[QEMU_VMLINUX_ROW] = (qemu_pvh, None)
         variants = {name: v for name, v in variants.items() if name == BASELINE or name in chosen}
         times: Dict[str, List[float]] = {name: [] for name in variants}
         entries: Dict[str, List[float]] = {}
         phases: Dict[str, List[dict]] = {name: [] for name in variants}
-        stderr_path = os.path.join(tmp, "stderr")
         seed = new_seed() if args.seed is None else args.seed
         orders = round_orders(list(variants), args.rounds, seed)
         print(f"order of the variants in each round from seed {seed} (--seed {seed} repeats it)", flush=True)
@@ -274,7 +315,12 @@ def main() -> None:
     paired = {name: paired_ratio(times[BASELINE], ts) for name, ts in times.items() if name != BASELINE}
     print(f"Per round against {BASELINE} (median of the per-round ratios, exact interval, sign test):")
     for name, pr in paired.items():
-        print(f"  {name:<30}{pr.describe('lower')}")
+        print(f"  {name:<38}{pr.describe('lower')}")
+    if QEMU_VMLINUX_ROW in times:  # the same kernel file in both VMMs: what is left is the VMMs' own cost
+        print(f"Per round against {QEMU_VMLINUX_ROW} (both boot the same vmlinux, without a decompressor):")
+        for name in DIRECT_ROWS:
+            if name in times:
+                print(f"  {name:<38}{paired_ratio(times[QEMU_VMLINUX_ROW], times[name]).describe('lower')}")
     report(f"Boot to the guest marker in L2 (Debian {os.uname().release}, {MEMORY}, {args.cpus} vCPU, "
            f"median of {args.rounds}; load {os.getloadavg()[0]:.2f})",
            BASELINE, results, "s", {name: 1.0 for name in TARGETS if name in results},
