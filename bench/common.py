@@ -210,13 +210,14 @@ def report(title: str, baseline_name: str, results: Dict[str, float], unit: str,
     base = results[baseline_name]
     print(title)
     out = {"title": title, "unit": unit, "baseline": baseline_name, "results": {}, **(extra or {})}
+    width = max(30, *(len(name) + 2 for name in results))
     for name, value in results.items():
         ratio = value / base
         target = targets.get(name)
         pr = (paired or {}).get(name)
         said = None if target is None else verdict(ratio, target, pr)
         tail = "" if said is None else f"  target <= {target:.2f}x: {said}"
-        print(f"  {name:<30}{value:>10.2f} {unit}  {ratio:>6.3f}x{tail}")
+        print(f"  {name:<{width}}{value:>10.2f} {unit}  {ratio:>6.3f}x{tail}")
         out["results"][name] = {"value": value, "ratio": ratio, "target": target,
                                 "met": None if said is None else said == "met", "verdict": said,
                                 "paired": None if pr is None else pr.as_dict()}

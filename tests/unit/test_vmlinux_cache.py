@@ -84,14 +84,14 @@ def test_the_first_call_decompresses_and_stores_the_second_loads_the_same_bytes(
     write_bzimage(bz, elf)
     cache = tmp_path / "cache"
     first = kernel_for(bz, cache)
-    assert first.extracted and first.path is not None and first.path.parent == cache
-    assert first.path.name == entry_name(str(bz))[1] and entries(cache) == [first.path.name]
-    assert bytes(first.image) == elf and first.path.read_bytes() == elf
+    assert first.extracted and first.path is not None and Path(first.path).parent == cache
+    assert Path(first.path).name == entry_name(str(bz))[1] and entries(cache) == [Path(first.path).name]
+    assert bytes(first.image) == elf and Path(first.path).read_bytes() == elf
     second = kernel_for(bz, cache)
     assert not second.extracted and second.path == first.path
     assert bytes(second.image) == elf and second.elf == first.elf == parse_elf(elf)
     assert second.extents == first.extents
-    assert entries(cache) == [first.path.name]
+    assert entries(cache) == [Path(first.path).name]
 
 
 def test_a_cache_hit_does_not_decompress(tmp_path):
@@ -141,7 +141,7 @@ def test_a_touched_bzimage_gets_a_new_entry_and_the_old_one_goes(tmp_path):
     os.utime(bz, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
     new = kernel_for(bz, cache)
     assert new.extracted and new.path != old
-    assert entries(cache) == [new.path.name]
+    assert entries(cache) == [Path(new.path).name]
 
 
 def test_a_rewritten_bzimage_boots_its_new_kernel(tmp_path):
@@ -155,7 +155,7 @@ def test_a_rewritten_bzimage_boots_its_new_kernel(tmp_path):
     assert os.stat(bz).st_ino == inode
     new = kernel_for(bz, cache)
     assert new.extracted and new.path != old.path and bytes(new.image) == rebuilt
-    assert entries(cache) == [new.path.name]
+    assert entries(cache) == [Path(new.path).name]
 
 
 def test_a_replaced_bzimage_of_the_same_size_and_mtime_gets_a_new_entry(tmp_path):
@@ -171,7 +171,7 @@ def test_a_replaced_bzimage_of_the_same_size_and_mtime_gets_a_new_entry(tmp_path
     os.replace(other, bz)
     new = kernel_for(bz, cache)
     assert new.extracted and bytes(new.image) == sparse_elf(b"B")
-    assert entries(cache) == [new.path.name]
+    assert entries(cache) == [Path(new.path).name]
 
 
 def test_another_bzimage_path_keeps_its_own_entry(tmp_path):
@@ -182,11 +182,11 @@ def test_another_bzimage_path_keeps_its_own_entry(tmp_path):
     write_bzimage(a, sparse_elf(b"A"))
     write_bzimage(b, sparse_elf(b"B"))
     ka, kb = kernel_for(a, cache), kernel_for(b, cache)
-    assert ka.path != kb.path and entries(cache) == sorted([ka.path.name, kb.path.name])
+    assert ka.path != kb.path and entries(cache) == sorted([Path(ka.path).name, Path(kb.path).name])
     st_ = os.stat(a)
     os.utime(a, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))  # a changes: only a's entry is replaced
     ka2 = kernel_for(a, cache)
-    assert ka2.extracted and entries(cache) == sorted([ka2.path.name, kb.path.name])
+    assert ka2.extracted and entries(cache) == sorted([Path(ka2.path).name, Path(kb.path).name])
     again = kernel_for(b, cache)
     assert not again.extracted and bytes(again.image) == sparse_elf(b"B")
 
@@ -223,14 +223,14 @@ def test_an_unwritable_cache_warns_and_boots_from_memory(tmp_path, capsys, where
 
 def test_pykvm_kernel_cache_names_the_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("PYKVM_KERNEL_CACHE", str(tmp_path / "elsewhere"))
-    assert cache_dir() == tmp_path / "elsewhere"
+    assert Path(cache_dir()) == tmp_path / "elsewhere"
     bz = tmp_path / "vmlinuz"
     write_bzimage(bz, sparse_elf())
     k = direct_kernel(str(bz), parse_bzimage(bz.read_bytes()))
-    assert k.path is not None and k.path.parent == tmp_path / "elsewhere"
+    assert k.path is not None and Path(k.path).parent == tmp_path / "elsewhere"
     monkeypatch.delenv("PYKVM_KERNEL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "pykvm" / "kernels"
+    assert Path(cache_dir()) == tmp_path / "xdg" / "pykvm" / "kernels"
 
 
 # -- damaged entries and failed stores ------------------------------------------------------------------------
@@ -239,10 +239,10 @@ def test_a_truncated_cache_entry_is_replaced_by_a_fresh_extraction(tmp_path, kee
     elf = sparse_elf()
     bz, cache = tmp_path / "vmlinuz", tmp_path / "cache"
     write_bzimage(bz, elf)
-    path = kernel_for(bz, cache).path
+    path = Path(kernel_for(bz, cache).path)
     os.truncate(path, keep)
     k = kernel_for(bz, cache)
-    assert k.extracted and k.path == path and bytes(k.image) == elf
+    assert k.extracted and k.path == str(path) and bytes(k.image) == elf
     assert path.read_bytes() == elf
     again = kernel_for(bz, cache)
     assert not again.extracted and bytes(again.image) == elf
@@ -252,7 +252,7 @@ def test_a_cache_entry_that_is_not_an_elf_is_replaced(tmp_path):
     elf = sparse_elf()
     bz, cache = tmp_path / "vmlinuz", tmp_path / "cache"
     write_bzimage(bz, elf)
-    path = kernel_for(bz, cache).path
+    path = Path(kernel_for(bz, cache).path)
     path.write_bytes(b"\x00" * len(elf))
     k = kernel_for(bz, cache)
     assert k.extracted and path.read_bytes() == elf

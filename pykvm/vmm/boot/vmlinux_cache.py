@@ -20,8 +20,7 @@ import mmap
 import os
 import sys
 import zlib
-from pathlib import Path
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 from .bzimage import BzImage
 from .elf import ElfKernel, parse_elf
@@ -29,6 +28,7 @@ from .payload import extract_vmlinux
 
 PAGE = 4096
 Extent = Tuple[int, int]  # (file offset, length) of bytes that may be non-zero
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 class DirectKernel(NamedTuple):
@@ -37,15 +37,16 @@ class DirectKernel(NamedTuple):
     image: "bytes | mmap.mmap"
     elf: ElfKernel
     extents: Optional[List[Extent]]  # None: all of the file may hold data
-    path: Optional[Path]  # the cache entry, None when nothing could be cached
+    path: Optional[str]  # the cache entry, None when nothing could be cached
     extracted: bool  # decompressed by this call (a cache miss)
 
 
-def cache_dir() -> Path:
+def cache_dir() -> str:
+    """The cache directory (paths are strings here: pathlib costs ~60 ms of start-up in L1)."""
     if os.environ.get("PYKVM_KERNEL_CACHE"):
-        return Path(os.environ["PYKVM_KERNEL_CACHE"])
+        return os.environ["PYKVM_KERNEL_CACHE"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pykvm" / "kernels"
+    return os.path.join(base, "pykvm", "kernels")
 
 
 def entry_name(bzimage_path: str) -> Tuple[str, str]:
@@ -57,12 +58,12 @@ def entry_name(bzimage_path: str) -> Tuple[str, str]:
     return prefix, f"{prefix}-{st.st_size}-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}.vmlinux"
 
 
-def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[Path] = None) -> DirectKernel:
+def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[PathLike] = None) -> DirectKernel:
     """The vmlinux of ``bz`` (read from ``bzimage_path``): from the cache, or decompressed and
     cached now. BootImageError when the payload is not a kernel this can decompress."""
-    directory = cache_dir() if directory is None else directory
+    directory = cache_dir() if directory is None else os.fspath(directory)
     prefix, name = entry_name(bzimage_path)
-    path = directory / name
+    path = os.path.join(directory, name)
     try:
         return load(path)
     except (OSError, ValueError):  # no entry yet (or an unreadable one): make it
@@ -77,7 +78,7 @@ def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[Path] = No
     return DirectKernel(vmlinux.image, vmlinux.elf, data_extents(path), path, True)
 
 
-def load(path: Path) -> DirectKernel:
+def load(path: str) -> DirectKernel:
     """A cached vmlinux, mapped read-only (its pages come from the page cache, not copied)."""
     with open(path, "rb") as f:
         image = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -94,11 +95,12 @@ def load(path: Path) -> DirectKernel:
     return DirectKernel(image, elf, extents, path, False)
 
 
-def store(image: bytes, path: Path, prefix: str) -> None:
+def store(image: bytes, path: str, prefix: str) -> None:
     """Write ``image`` to ``path`` with its zero pages as holes, atomically, and remove the
     other entries for the same bzImage path (``prefix``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     zero = bytes(PAGE)
     view = memoryview(image)
     try:
@@ -116,15 +118,15 @@ def store(image: bytes, path: Path, prefix: str) -> None:
         except OSError:
             pass
         raise
-    for old in path.parent.glob(f"{prefix}-*.vmlinux"):
-        if old != path:
+    for old in os.listdir(directory):
+        if old.startswith(f"{prefix}-") and old.endswith(".vmlinux") and old != name:
             try:
-                old.unlink()
+                os.unlink(os.path.join(directory, old))
             except OSError:
                 pass
 
 
-def data_extents(path: Path) -> Optional[List[Extent]]:
+def data_extents(path: str) -> Optional[List[Extent]]:
     with open(path, "rb") as f:
         return _extents(f.fileno(), os.fstat(f.fileno()).st_size)
 
