@@ -114,6 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, FixableError) as exc:
         _say(f"pykvm run: {exc}")
         return CONFIG_ERROR
+    for note in machine.notes:
+        _say(f"pykvm run: {note}")
     try:
         with SignalStop(machine) as signals:
             result = machine.run()
@@ -163,6 +165,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=None,
                    help="boot a bzImage's kernel directly: pykvm decompresses it once (kept in ~/.cache/pykvm/kernels) "
                         "and enters it at startup_64, so the guest skips its decompressor (and KASLR: the kernel "
-                        "runs where it was linked)")
+                        "runs where it was linked); an ELF vmlinux boots directly anyway")
     p.set_defaults(func=cmd_run)
     return p

@@ -62,7 +62,6 @@ import errno
 import math
 import os
 import stat
-import sys
 import threading
 import time
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
@@ -325,6 +324,7 @@ class Machine:
         if config.loop not in ("c", "python"):
             raise MachineError(f"run loop {config.loop!r} is neither 'c' nor 'python'")
         self.timeout = check_timeout(config.timeout)
+        self.notes: List[str] = []  # what a user should hear about how the machine was built
         self.layout: Layout = memory_layout(config.memory)
         ram = self.layout.memory
         kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux",
@@ -378,9 +378,9 @@ class Machine:
         t0 = time.monotonic()
         vmlinux = direct_kernel(cfg.kernel, bz)
         if vmlinux.extracted:
-            where = f" into {vmlinux.path}" if vmlinux.path else ""
-            print(f"pykvm: --direct: decompressed the kernel ({human_size(len(vmlinux.image))}){where} in "
-                  f"{time.monotonic() - t0:.1f} s; later boots of this image start from there", file=sys.stderr)
+            after = (f" into {vmlinux.path} in {time.monotonic() - t0:.1f} s; later boots of this image start "
+                     "from there" if vmlinux.path else f" in {time.monotonic() - t0:.1f} s (not cached)")
+            self.notes.append(f"--direct: decompressed the kernel ({human_size(len(vmlinux.image))}){after}")
         return plan_boot(vmlinux.image, self.layout, cfg.cmdline, initrd, setup_header=bz.header,
                          extents=vmlinux.extents)
 

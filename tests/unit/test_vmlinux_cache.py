@@ -204,7 +204,7 @@ def test_a_symlink_to_the_bzimage_shares_its_entry(tmp_path):
 
 # -- no cache to write ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
-def test_an_unwritable_cache_warns_and_boots_from_memory(tmp_path, capsys, where):
+def test_an_unwritable_cache_warns_and_boots_from_memory(tmp_path, caplog, where):
     elf = sparse_elf()
     bz = tmp_path / "vmlinuz"
     write_bzimage(bz, elf)
@@ -214,7 +214,7 @@ def test_an_unwritable_cache_warns_and_boots_from_memory(tmp_path, capsys, where
     k = kernel_for(bz, directory)
     assert k.path is None and k.extracted and k.extents is None
     assert bytes(k.image) == elf and k.elf == parse_elf(elf)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"cannot cache the decompressed kernel in {directory}" in err
     assert "decompressed again on every boot" in err and "PYKVM_KERNEL_CACHE" in err
     assert blocker.read_text() == "a file, not a directory"
@@ -269,7 +269,7 @@ def test_no_temporary_file_is_left_after_a_store(tmp_path):
     assert len(os.listdir(cache)) == 1
 
 
-def test_a_store_that_fails_leaves_no_temporary_file(tmp_path, capsys):
+def test_a_store_that_fails_leaves_no_temporary_file(tmp_path, caplog):
     """The entry's name is taken by a directory: the rename fails after the temporary file was
     written; it is removed, the warning says why, and the kernel boots from memory."""
     elf = sparse_elf()
@@ -279,7 +279,7 @@ def test_a_store_that_fails_leaves_no_temporary_file(tmp_path, capsys):
     (blocker / "occupied").mkdir(parents=True)
     k = kernel_for(bz, cache)
     assert k.path is None and bytes(k.image) == elf
-    assert "cannot cache the decompressed kernel" in capsys.readouterr().err
+    assert "cannot cache the decompressed kernel" in caplog.text
     assert sorted(os.listdir(cache)) == [blocker.name]
     assert os.listdir(blocker) == ["occupied"]
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import sys
 import zlib
 from typing import List, NamedTuple, Optional, Tuple, Union
+
+from pykvm._log import get_logger
 
 from .bzimage import BzImage
 from .elf import ElfKernel, parse_elf
 from .payload import extract_vmlinux
 
+log = get_logger(__name__)
 PAGE = 4096
 Extent = Tuple[int, int]  # (file offset, length) of bytes that may be non-zero
 PathLike = Union[str, "os.PathLike[str]"]
@@ -72,8 +74,8 @@ def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[PathLike] 
     try:
         store(vmlinux.image, path, prefix)
     except OSError as exc:
-        print(f"pykvm: cannot cache the decompressed kernel in {directory} ({exc.strerror}): it is decompressed "
-              "again on every boot (set PYKVM_KERNEL_CACHE to a writable directory)", file=sys.stderr)
+        log.warning("pykvm: cannot cache the decompressed kernel in %s (%s): it is decompressed again on every "
+                    "boot (set PYKVM_KERNEL_CACHE to a writable directory)", directory, exc.strerror)
         return DirectKernel(vmlinux.image, vmlinux.elf, None, None, True)
     return DirectKernel(vmlinux.image, vmlinux.elf, data_extents(path), path, True)
 
