@@ -174,6 +174,25 @@ def test_a_replaced_bzimage_of_the_same_size_and_mtime_gets_a_new_entry(tmp_path
     assert entries(cache) == [Path(new.path).name]
 
 
+def test_a_bzimage_overwritten_in_place_with_its_old_mtime_gets_a_new_entry(tmp_path):
+    """`cp -p new vmlinuz` onto the existing file: same inode, size and mtime, new bytes; only
+    the change time (which no one can set) tells, and it does."""
+    bz, cache = tmp_path / "vmlinuz", tmp_path / "cache"
+    write_bzimage(bz, sparse_elf(b"A"))
+    st_ = os.stat(bz)
+    kernel_for(bz, cache)
+    image = bzimage_with_payload(compress("xz", sparse_elf(b"B")))
+    assert len(image) == st_.st_size
+    with open(bz, "r+b") as f:
+        f.write(image)
+    os.utime(bz, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    now = os.stat(bz)
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st_.st_ino, st_.st_size, st_.st_mtime_ns)
+    new = kernel_for(bz, cache)
+    assert new.extracted and bytes(new.image) == sparse_elf(b"B")
+    assert entries(cache) == [Path(new.path).name]
+
+
 def test_another_bzimage_path_keeps_its_own_entry(tmp_path):
     cache = tmp_path / "cache"
     a, b = tmp_path / "a" / "vmlinuz", tmp_path / "b" / "vmlinuz"

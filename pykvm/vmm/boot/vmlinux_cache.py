@@ -3,7 +3,7 @@
 Decompressing Debian's kernel (66 MB of xz) is most of a boot when the guest does it under
 nested virtualization, and still a few hundred milliseconds in the VMM: so the ELF is kept
 in ``$XDG_CACHE_HOME/pykvm/kernels`` (``~/.cache/...``; ``PYKVM_KERNEL_CACHE`` overrides),
-under a name made of the bzImage's real path, size, inode and modification time (a kernel
+under a name made of the bzImage's real path, size, inode and modification and change times (a kernel
 rebuilt or replaced in place gets a new entry; the old one for that path is removed).
 
 The cached file is a plain ELF vmlinux (``pykvm run --kernel`` and QEMU boot it too) written
@@ -53,11 +53,12 @@ def cache_dir() -> str:
 
 def entry_name(bzimage_path: str) -> Tuple[str, str]:
     """(prefix, file name) of the cache entry for the bzImage at ``bzimage_path`` as it is now:
-    the prefix names the path, the rest the file's identity (size, inode, mtime)."""
+    the prefix names the path, the rest the file's identity (size, inode, mtime, and ctime, which
+    no one can set: ``cp -p`` over the file in place keeps size, inode and mtime)."""
     real = os.path.realpath(bzimage_path)
     st = os.stat(real)
     prefix = f"{zlib.crc32(os.fsencode(real)):08x}"  # (hashlib costs ~40 ms of start-up in the lab's L1)
-    return prefix, f"{prefix}-{st.st_size}-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}.vmlinux"
+    return prefix, f"{prefix}-{st.st_size}-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}-{st.st_ctime_ns}.vmlinux"
 
 
 def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[PathLike] = None) -> DirectKernel:
