@@ -179,6 +179,19 @@ def test_no_stats_switches_off_a_config_files_stats(tmp_path, flags, expected):
     assert run_cli.config_from_args(args).stats is (expected and flags != [])
 
 
+@pytest.mark.parametrize("flags,expected", [([], True), (["--direct"], True), (["--no-direct"], False)])
+def test_direct_comes_from_a_config_file_or_the_command_line(tmp_path, flags, expected):
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('kernel = "k"\ndirect = true\n')
+    args = build_parser(["run"]).parse_args(["run", "--config", str(cfg), *flags])
+    assert run_cli.config_from_args(args).direct is expected
+    args = build_parser(["run"]).parse_args(["run", "--kernel", "k", *flags])
+    assert run_cli.config_from_args(args).direct is (expected and flags != [])
+    cfg.write_text('kernel = "k"\ndirect = "yes"\n')
+    with pytest.raises(MachineError, match="direct"):
+        run_cli.config_from_args(build_parser(["run"]).parse_args(["run", "--config", str(cfg)]))
+
+
 # -- --memory (review finding 7) --------------------------------------------------------------------
 def test_memory_in_bytes_is_bytes(kernel):
     p = pykvm_run("--kernel", kernel, "--console", "none", "--memory", "4096B")
