@@ -60,6 +60,7 @@ from __future__ import annotations
 import enum
 import errno
 import math
+import mmap
 import os
 import stat
 import threading
@@ -245,10 +246,13 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device
                (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
-def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint: str) -> Optional[bytes]:
+def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint: str,
+               mapped: bool = False) -> Optional["bytes | mmap.mmap"]:
     """The contents of the regular file ``path``, refused before reading when it is anything
     else (MachineError: a FIFO or /dev/stdin could block forever, /dev/zero never ends) or
-    larger than ``limit`` bytes (BootError: it could not fit in guest RAM anyway)."""
+    larger than ``limit`` bytes (BootError: it could not fit in guest RAM anyway). ``mapped``:
+    a read-only mapping instead, whatever its size (a vmlinux with debug information is
+    larger than the RAM its loaded segments need; only the pages used are ever read)."""
     if path is None:
         return None
     if path == "":
@@ -265,6 +269,11 @@ def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint
         if not stat.S_ISREG(st.st_mode):
             kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
             raise MachineError(f"{what} {path!r} is {kind}, not a regular file: {hint}")
+        if mapped and st.st_size:
+            try:
+                return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise MachineError(f"cannot map {what} {path!r}: {exc.strerror}") from None
         if st.st_size > limit:
             raise BootError(f"{what} {path!r} of {human_size(st.st_size)} does not fit in the guest's "
                             f"{human_size(limit)} of RAM: {limit_hint}")
@@ -328,7 +337,8 @@ class Machine:
         self.layout: Layout = memory_layout(config.memory)
         ram = self.layout.memory
         kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux",
-                            ram, "is it the kernel? (a bzImage or vmlinux), or give the guest more memory (--memory)")
+                            ram, "is it the kernel? (a bzImage or vmlinux), or give the guest more memory (--memory)",
+                            mapped=True)
         initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)",
                             ram, "give the guest more memory (--memory) or use a smaller initrd")
         if initrd is not None and not initrd:

@@ -249,6 +249,19 @@ def test_an_initrd_that_fits_only_above_4g_is_loaded_there(tmp_path, kvm):
     assert con.output == b"1"
 
 
+# -- a vmlinux larger than guest RAM ------------------------------------------------------------------
+def test_a_vmlinux_larger_than_guest_ram_boots_when_its_segments_fit(tmp_path, kvm):
+    """An ELF kernel with 1 GiB after its segments (as a vmlinux with debug information has)
+    boots in 16 MiB: the file is mapped, and only its loaded segments are read."""
+    path = elf_file(tmp_path, MOV_DX_COM1 + b"\xb0\x44" + OUT_DX_AL + RESET + JMP_SELF)  # mov al, 'D'
+    os.truncate(path, 1 << 30)
+    con = BufferConsole()
+    m = Machine(MachineConfig(kernel=path, memory="16M", timeout=RUN_TIMEOUT), console=con)
+    result = m.run()
+    assert result.reason is ExitReason.RESET, result
+    assert con.output == b"D"
+
+
 # -- a command line that is not UTF-8 (review finding 12) ----------------------------------------------
 def test_a_command_line_that_is_not_utf8_reaches_the_guest_byte_for_byte(tmp_path, kvm):
     """The guest prints the command line from the boot plan's address until its NUL."""
