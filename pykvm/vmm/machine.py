@@ -2,7 +2,10 @@
 
 ``Machine(config)`` reads and checks everything first (kernel, initrd,
 command line, memory size, CPU count): any mistake raises a ``ValueError``
-subclass that says what to change, before a VM or vCPU exists. ``start()``
+subclass that says what to change, before a VM or vCPU exists. The kernel file
+is mapped rather than read (only the pages a boot uses are), and with
+``config.direct`` a bzImage's kernel comes decompressed from pykvm's vmlinux cache
+(pykvm.vmm.boot.vmlinux_cache: the guest skips its decompressor). ``start()``
 builds the VM and starts the vCPUs, ``wait()`` returns how the run ended
 (a :class:`MachineExit`), ``close()`` tears it down; ``run()`` does all
 three.
