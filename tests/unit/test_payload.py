@@ -127,7 +127,7 @@ def gz(data: bytes) -> bytes:
                  rf"xz payload decompressed to {len(ELF)} bytes, not the {len(ELF) + 1} its trailer records: "
                  "corrupt image", id="xz-size-one-more"),
     pytest.param(xz_stream(ELF) + struct.pack("<I", len(ELF) - 16),
-                 rf"decompressed to {len(ELF)} bytes, not the {len(ELF) - 16}", id="xz-size-less"),
+                 rf"decompressed to more than {len(ELF) - 16} bytes, not the {len(ELF) - 16}", id="xz-size-less"),
     pytest.param(lzma.compress(ELF, format=lzma.FORMAT_ALONE) + struct.pack("<I", len(ELF) * 2),
                  "lzma payload decompressed to", id="lzma-size-double"),
     pytest.param(bz2.compress(ELF) + struct.pack("<I", len(ELF) + 4096), "bzip2 payload decompressed to",
@@ -321,3 +321,25 @@ def test_the_real_debian_kernel_decompresses_to_its_vmlinux():
     assert len(image) == shoff + shentsize * shnum
     size_trailer, = struct.unpack_from("<I", bz.kernel, bz.header.payload_offset + bz.header.payload_length - 4)
     assert len(image) < size_trailer  # vmlinux.relocs was part of what was compressed
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2"])
+def test_a_payload_that_inflates_past_its_trailer_stops_there(fmt):
+    """A stream of 64 MiB of zeros whose trailer says 4096 bytes: refused, and decompression
+    stopped at the trailer's size instead of filling memory (tracemalloc's peak: xz's 8 MiB
+    dictionary counts; all 64 MiB would have)."""
+    import tracemalloc
+
+    bomb = compress(fmt, bytes(64 << 20))
+    if fmt != "gzip":
+        bomb = bomb[:-4]
+    payload = bomb + struct.pack("<I", 4096) if fmt != "gzip" else bomb[:-4] + struct.pack("<I", 4096)
+    bz = parse_bzimage(bzimage_with_payload(payload))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BootImageError, match="decompressed to more than 4096 bytes|does not decompress"):
+            extract_vmlinux(bz)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak

@@ -53,68 +53,69 @@ def payload_format(payload: bytes) -> Format:
                          f"Linux uses ({', '.join(f.name for f in FORMATS)}): corrupt image?")
 
 
-def _gzip(data: bytes) -> bytes:
+def _gzip(data: bytes, limit: int) -> bytes:
     import zlib
 
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = d.decompress(data)
-    if not d.eof:
+    out = d.decompress(data, limit)
+    if not d.eof and len(out) < limit:
         raise ValueError("the gzip stream ends early")
     return out
 
 
-def _xz(data: bytes) -> bytes:
+def _xz(data: bytes, limit: int) -> bytes:
     import lzma
 
-    return _lzma_like(data, lzma.FORMAT_XZ)
+    return _lzma_like(data, limit, lzma.FORMAT_XZ)
 
 
-def _lzma(data: bytes) -> bytes:
+def _lzma(data: bytes, limit: int) -> bytes:
     import lzma
 
-    return _lzma_like(data, lzma.FORMAT_ALONE)
+    return _lzma_like(data, limit, lzma.FORMAT_ALONE)
 
 
-def _lzma_like(data: bytes, fmt: int) -> bytes:
+def _lzma_like(data: bytes, limit: int, fmt: int) -> bytes:
     import lzma
 
     d = lzma.LZMADecompressor(format=fmt)
-    out = d.decompress(data)
-    if not d.eof and fmt != lzma.FORMAT_ALONE:  # LZMA-alone written with a known size has no end mark
+    out = d.decompress(data, limit)
+    if not d.eof and len(out) < limit and fmt != lzma.FORMAT_ALONE:  # LZMA-alone with a known size has no end mark
         raise ValueError("the xz stream ends early")
     return out
 
 
-def _bzip2(data: bytes) -> bytes:
+def _bzip2(data: bytes, limit: int) -> bytes:
     import bz2
 
     d = bz2.BZ2Decompressor()
-    out = d.decompress(data)
-    if not d.eof:
+    out = d.decompress(data, limit)
+    if not d.eof and len(out) < limit:
         raise ValueError("the bzip2 stream ends early")
     return out
 
 
-def _zstd_library() -> Optional[Callable[[bytes], bytes]]:
+def _zstd_library() -> Optional[Callable[[bytes, int], bytes]]:
     try:
         from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
     except ImportError:
         return None
-    return zstd.decompress
+    return lambda data, limit: zstd.ZstdDecompressor().decompress(data, limit)
 
 
-STDLIB: Dict[str, Callable[[bytes], bytes]] = {"gzip": _gzip, "xz": _xz, "lzma": _lzma, "bzip2": _bzip2}
+STDLIB: Dict[str, Callable[[bytes, int], bytes]] = {"gzip": _gzip, "xz": _xz, "lzma": _lzma, "bzip2": _bzip2}
 
 
-def decompress(fmt: Format, data: bytes) -> bytes:
-    """``data`` decompressed as ``fmt``; BootImageError saying why not (corrupt, or no decompressor)."""
+def decompress(fmt: Format, data: bytes, limit: int = MAX_VMLINUX) -> bytes:
+    """``data`` decompressed as ``fmt``, at most ``limit`` bytes of it (a corrupt or hostile stream
+    cannot fill memory; commands excepted); BootImageError saying why not (corrupt, or no decompressor)."""
     import lzma
     import zlib
 
     decoder = STDLIB.get(fmt.name) or (_zstd_library() if fmt.name == "zstd" else None)
     try:
         if decoder is not None:
-            return decoder(bytes(data))
+            return decoder(bytes(data), limit)
     except (zlib.error, lzma.LZMAError, OSError, ValueError, EOFError, MemoryError) as exc:  # bz2: OSError
         raise BootImageError(f"the bzImage's {fmt.name} payload does not decompress ({exc}): corrupt image") from None
     import shutil
@@ -151,9 +152,10 @@ def extract_vmlinux(bz: BzImage) -> Vmlinux:
     size = struct.unpack_from("<I", payload, len(payload) - 4)[0]
     if not 64 <= size <= MAX_VMLINUX:
         raise BootImageError(f"the bzImage's payload says it decompresses to {size} bytes: corrupt image")
-    out = decompress(fmt, payload if fmt.name == "gzip" else payload[:-4])  # gzip's trailer is its own
+    out = decompress(fmt, payload if fmt.name == "gzip" else payload[:-4], size + 1)  # gzip's trailer is its own
     if len(out) != size:
-        raise BootImageError(f"the bzImage's {fmt.name} payload decompressed to {len(out)} bytes, not the {size} "
+        got = f"more than {size}" if len(out) > size else f"{len(out)}"
+        raise BootImageError(f"the bzImage's {fmt.name} payload decompressed to {got} bytes, not the {size} "
                              "its trailer records: corrupt image")
     if not is_elf(out):
         raise BootImageError(f"the bzImage's payload ({fmt.name}) is not an ELF kernel (starts {out[:4].hex()}): "
