@@ -249,13 +249,14 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device
                (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
-def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint: str,
-               mapped: bool = False) -> Optional["bytes | mmap.mmap"]:
+def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint: str, mapped: bool = False,
+               stat_out: Optional[List[os.stat_result]] = None) -> Optional["bytes | mmap.mmap"]:
     """The contents of the regular file ``path``, refused before reading when it is anything
     else (MachineError: a FIFO or /dev/stdin could block forever, /dev/zero never ends) or
     larger than ``limit`` bytes (BootError: it could not fit in guest RAM anyway). ``mapped``:
     a read-only mapping instead, whatever its size (a vmlinux with debug information is
-    larger than the RAM its loaded segments need; only the pages used are ever read)."""
+    larger than the RAM its loaded segments need; only the pages used are ever read), where
+    the file system can map it. ``stat_out`` receives the opened file's status."""
     if path is None:
         return None
     if path == "":
@@ -269,14 +270,16 @@ def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint
         raise MachineError(f"cannot read {what} {path!r}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
+        if stat_out is not None:
+            stat_out.append(st)
         if not stat.S_ISREG(st.st_mode):
             kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
             raise MachineError(f"{what} {path!r} is {kind}, not a regular file: {hint}")
         if mapped and st.st_size:
             try:
                 return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            except OSError as exc:
-                raise MachineError(f"cannot map {what} {path!r}: {exc.strerror}") from None
+            except OSError:  # a file system that cannot map files (FUSE direct_io, sysfs): read it
+                pass
         if st.st_size > limit:
             raise BootError(f"{what} {path!r} of {human_size(st.st_size)} does not fit in the guest's "
                             f"{human_size(limit)} of RAM: {limit_hint}")
@@ -296,6 +299,21 @@ def _read_file(path: Optional[str], what: str, hint: str, limit: int, limit_hint
     if len(data) > limit:
         raise BootError(f"{what} {path!r} does not fit in the guest's {human_size(limit)} of RAM: {limit_hint}")
     return data
+
+
+def _owned(plan: BootPlan) -> BootPlan:
+    """``plan`` with bytes of its own in place of views of a mapped file."""
+    return plan._replace(writes=tuple((addr, data if isinstance(data, bytes) else bytes(data))
+                                      for addr, data in plan.writes))
+
+
+def _unmap(image: "bytes | mmap.mmap | None") -> None:
+    """Unmap a mapped kernel file now (its views are gone); left to the collector if one is not."""
+    if isinstance(image, mmap.mmap):
+        try:
+            image.close()
+        except BufferError:
+            pass
 
 
 def _host_memory() -> str:
@@ -339,9 +357,10 @@ class Machine:
         self.notes: List[str] = []  # what a user should hear about how the machine was built
         self.layout: Layout = memory_layout(config.memory)
         ram = self.layout.memory
+        kernel_stat: List[os.stat_result] = []
         kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux",
                             ram, "is it the kernel? (a bzImage or vmlinux), or give the guest more memory (--memory)",
-                            mapped=True)
+                            mapped=True, stat_out=kernel_stat)
         initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)",
                             ram, "give the guest more memory (--memory) or use a smaller initrd")
         if initrd is not None and not initrd:
@@ -350,7 +369,10 @@ class Machine:
             from pykvm.vmm.pci.preflight import check_unique
 
             check_unique(config.vfio)
-        self.plan: BootPlan = self._plan(kernel, initrd)
+        try:
+            self.plan: BootPlan = self._plan(kernel, initrd, kernel_stat[0])
+        finally:
+            _unmap(kernel)
         self.times.mark("boot plan ready")
         self.console = console if console is not None else open_console(config.console)
         self.console.on_quit = lambda: self.stop(ExitReason.STOPPED, "console escape key")
@@ -379,23 +401,30 @@ class Machine:
         if config.marker:
             self._watches.append(TextWatch(config.marker.encode(), lambda: self.times.mark("guest marker")))
 
-    def _plan(self, kernel: bytes, initrd: Optional[bytes]) -> BootPlan:
-        """The boot plan; with ``direct`` a bzImage's kernel comes decompressed from the
-        vmlinux cache (decompressed and cached now on the first boot of that image)."""
+    def _plan(self, kernel: "bytes | mmap.mmap", initrd: Optional[bytes], kernel_stat: os.stat_result) -> BootPlan:
+        """The boot plan, holding its own copy of the bytes it loads (not views of the mapped
+        kernel file: a file truncated later would kill the process with SIGBUS when read).
+        With ``direct`` a bzImage's kernel comes decompressed from the vmlinux cache (and is
+        decompressed and cached now on the first boot of that image), under the key of the
+        file that was opened (``kernel_stat``), whatever the path names by now."""
         cfg = self.config
         if not (cfg.direct and is_bzimage(kernel)):
-            return plan_boot(kernel, self.layout, cfg.cmdline, initrd)
+            return _owned(plan_boot(kernel, self.layout, cfg.cmdline, initrd))
         from pykvm.vmm.boot.vmlinux_cache import direct_kernel  # only here: its imports cost start-up
 
         bz = parse_bzimage(kernel)
         t0 = time.monotonic()
-        vmlinux = direct_kernel(cfg.kernel, bz)
+        vmlinux = direct_kernel(cfg.kernel, bz, st=kernel_stat)
+        header, bz = bz.header, None  # the header is a copy; the BzImage holds a view of the file
         if vmlinux.extracted:
             after = (f" into {vmlinux.path} in {time.monotonic() - t0:.1f} s; later boots of this image start "
                      "from there" if vmlinux.path else f" in {time.monotonic() - t0:.1f} s (not cached)")
             self.notes.append(f"--direct: decompressed the kernel ({human_size(len(vmlinux.image))}){after}")
-        return plan_boot(vmlinux.image, self.layout, cfg.cmdline, initrd, setup_header=bz.header,
-                         extents=vmlinux.extents)
+        try:
+            return _owned(plan_boot(vmlinux.image, self.layout, cfg.cmdline, initrd,
+                                    setup_header=header, extents=vmlinux.extents))
+        finally:
+            _unmap(vmlinux.image)
 
     # -- building ------------------------------------------------------------------------
     def build(self) -> None:

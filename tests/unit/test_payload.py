@@ -219,26 +219,6 @@ def test_a_damaged_payload_never_raises_anything_but_boot_image_error(fmt, flips
         assert v.elf == parse_elf(v.image) and v.image == bytes(v.image)[:elf_file_size(v.image)]
 
 
-@given(fmt=st.sampled_from(STDLIB_FORMATS), cut=st.integers(0, 10_000),
-       flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=4))
-@settings(suppress_health_check=[HealthCheck.too_slow])
-def test_a_cut_payload_or_a_damaged_bzip2_one_is_a_boot_image_error(fmt, cut, flips):
-    """What the property above covers that passes today: any truncation of any format, and
-    flips in a bzip2 payload (whose decompressor raises OSError)."""
-    base = tiny_elf(code=bytes(range(256)) * 4, bss=0x3000)
-    payload = bytearray(compress(fmt, with_relocs(base)))
-    if fmt == "bzip2":
-        for at, mask in flips:
-            payload[at % len(payload)] ^= mask
-    del payload[cut % len(payload):]
-    assume(len(payload) >= 5)
-    try:
-        v = extract_payload(bytes(payload))
-    except BootImageError:
-        return
-    assert v.image == base
-
-
 # -- formats that need a command (zstd, lz4, lzo) --------------------------------------------------------
 @pytest.mark.parametrize("fmt,magic,command,package", [
     ("zstd", b"\x28\xb5\x2f\xfd", "zstd", "zstd"),
@@ -326,8 +306,8 @@ def test_the_real_debian_kernel_decompresses_to_its_vmlinux():
 @pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2"])
 def test_a_payload_that_inflates_past_its_trailer_stops_there(fmt):
     """A stream of 64 MiB of zeros whose trailer says 4096 bytes: refused, and decompression
-    stopped at the trailer's size instead of filling memory (tracemalloc's peak: xz's 8 MiB
-    dictionary counts; all 64 MiB would have)."""
+    stopped at the trailer's size instead of filling memory (tracemalloc's peak: the 64 MiB
+    would count, the decoders' own buffers do not)."""
     import tracemalloc
 
     bomb = compress(fmt, bytes(64 << 20))

@@ -4,7 +4,9 @@ extents)."""
 from __future__ import annotations
 
 import os
+import random
 import struct
+import zlib
 from pathlib import Path
 from typing import List, Tuple
 
@@ -191,6 +193,28 @@ def test_a_bzimage_overwritten_in_place_with_its_old_mtime_gets_a_new_entry(tmp_
     new = kernel_for(bz, cache)
     assert new.extracted and bytes(new.image) == sparse_elf(b"B")
     assert entries(cache) == [Path(new.path).name]
+
+
+def test_two_paths_whose_crc32_collide_keep_their_own_entries(tmp_path):
+    """The entry prefix names the path with 64 bits (CRC-32 and Adler-32): two paths with the same
+    CRC-32 (found by a birthday search, ~2^16 tries) no longer evict each other's entry."""
+    seen: dict = {}
+    rng = random.Random(0)
+    for _ in range(1 << 22):
+        name = f"{rng.getrandbits(64):016x}"  # random names: CRC-32 is linear, and counted ones may never collide
+        crc = zlib.crc32(os.fsencode(str(tmp_path / name)))
+        if crc in seen:
+            pair = [tmp_path / seen[crc], tmp_path / name]
+            break
+        seen[crc] = name
+    cache = tmp_path / "cache"
+    for path, mark in zip(pair, b"AB"):
+        write_bzimage(path, sparse_elf(bytes([mark])))
+    first = [kernel_for(path, cache) for path in pair]
+    again = [kernel_for(path, cache) for path in pair]
+    assert all(k.extracted for k in first) and not any(k.extracted for k in again)
+    assert [bytes(k.image) for k in again] == [sparse_elf(b"A"), sparse_elf(b"B")]
+    assert len(entries(cache)) == 2
 
 
 def test_another_bzimage_path_keeps_its_own_entry(tmp_path):

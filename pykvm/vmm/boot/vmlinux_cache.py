@@ -51,21 +51,26 @@ def cache_dir() -> str:
     return os.path.join(base, "pykvm", "kernels")
 
 
-def entry_name(bzimage_path: str) -> Tuple[str, str]:
-    """(prefix, file name) of the cache entry for the bzImage at ``bzimage_path`` as it is now:
-    the prefix names the path, the rest the file's identity (size, inode, mtime, and ctime, which
-    no one can set: ``cp -p`` over the file in place keeps size, inode and mtime)."""
+def entry_name(bzimage_path: str, st: Optional[os.stat_result] = None) -> Tuple[str, str]:
+    """(prefix, file name) of the cache entry for the bzImage at ``bzimage_path``: the prefix
+    names the path, the rest the file's identity (size, inode, mtime, and ctime, which no one
+    can set: ``cp -p`` over the file in place keeps size, inode and mtime), from ``st`` (the
+    status of the file whose bytes are at hand: the path may name another file by now) or
+    else from the file the path names now."""
     real = os.path.realpath(bzimage_path)
-    st = os.stat(real)
-    prefix = f"{zlib.crc32(os.fsencode(real)):08x}"  # (hashlib costs ~40 ms of start-up in the lab's L1)
+    st = os.stat(real) if st is None else st
+    raw = os.fsencode(real)
+    prefix = f"{zlib.crc32(raw):08x}{zlib.adler32(raw):08x}"  # (hashlib costs ~40 ms of start-up in L1)
     return prefix, f"{prefix}-{st.st_size}-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}-{st.st_ctime_ns}.vmlinux"
 
 
-def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[PathLike] = None) -> DirectKernel:
-    """The vmlinux of ``bz`` (read from ``bzimage_path``): from the cache, or decompressed and
-    cached now. BootImageError when the payload is not a kernel this can decompress."""
+def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[PathLike] = None,
+                  st: Optional[os.stat_result] = None) -> DirectKernel:
+    """The vmlinux of ``bz`` (read from ``bzimage_path``, whose status when opened was ``st``):
+    from the cache, or decompressed and cached now. BootImageError when the payload is not a
+    kernel this can decompress."""
     directory = cache_dir() if directory is None else os.fspath(directory)
-    prefix, name = entry_name(bzimage_path)
+    prefix, name = entry_name(bzimage_path, st)
     path = os.path.join(directory, name)
     try:
         return load(path)
@@ -73,12 +78,12 @@ def direct_kernel(bzimage_path: str, bz: BzImage, directory: Optional[PathLike] 
         pass
     vmlinux = extract_vmlinux(bz)
     try:
-        store(vmlinux.image, path, prefix)
+        extents = store(vmlinux.image, path, prefix)
     except OSError as exc:
         log.warning("pykvm: cannot cache the decompressed kernel in %s (%s): it is decompressed again on every "
-                    "boot (set PYKVM_KERNEL_CACHE to a writable directory)", directory, exc.strerror)
+                    "boot (set PYKVM_KERNEL_CACHE to a writable directory with room for it)", directory, exc.strerror)
         return DirectKernel(vmlinux.image, vmlinux.elf, None, None, True)
-    return DirectKernel(vmlinux.image, vmlinux.elf, data_extents(path), path, True)
+    return DirectKernel(vmlinux.image, vmlinux.elf, extents, path, True)
 
 
 def load(path: str) -> DirectKernel:
@@ -98,22 +103,27 @@ def load(path: str) -> DirectKernel:
     return DirectKernel(image, elf, extents, path, False)
 
 
-def store(image: bytes, path: str, prefix: str) -> None:
-    """Write ``image`` to ``path`` with its zero pages as holes, atomically, and remove the
-    other entries for the same bzImage path (``prefix``)."""
+def store(image: bytes, path: str, prefix: str) -> Optional[List[Extent]]:
+    """Write ``image`` to ``path`` with its zero pages as holes, durably and atomically (a new
+    file, synced, then renamed), and remove the other entries for the same bzImage path
+    (``prefix``). Returns the entry's data extents, as :func:`load` would find them."""
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     zero = bytes(PAGE)
     view = memoryview(image)
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "wb") as f:
             for off in range(0, len(image), PAGE):
                 page = view[off:off + PAGE]
                 if page != zero[:len(page)]:
                     f.seek(off)
                     f.write(page)
             f.truncate(len(image))
+            f.flush()
+            os.fsync(fd)  # a rename to a new name is not ordered after the data by every file system
+            extents = _extents(fd, len(image))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -127,11 +137,7 @@ def store(image: bytes, path: str, prefix: str) -> None:
                 os.unlink(os.path.join(directory, old))
             except OSError:
                 pass
-
-
-def data_extents(path: str) -> Optional[List[Extent]]:
-    with open(path, "rb") as f:
-        return _extents(f.fileno(), os.fstat(f.fileno()).st_size)
+    return extents
 
 
 def _extents(fd: int, size: int) -> Optional[List[Extent]]:
