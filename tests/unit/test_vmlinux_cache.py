@@ -17,7 +17,7 @@ from pykvm.vmm import layout as L
 from pykvm.vmm.boot import BootError, plan_boot
 from pykvm.vmm.boot.bzimage import parse_bzimage
 from pykvm.vmm.boot.elf import parse_elf
-from pykvm.vmm.boot.vmlinux_cache import PAGE, cache_dir, direct_kernel, entry_name
+from pykvm.vmm.boot.vmlinux_cache import MAX_ENTRIES, PAGE, cache_dir, direct_kernel, entry_name
 from tests.conftest import require_or_skip
 from tests.unit.kernel_images import make_bzimage, make_elf
 from tests.unit.test_payload import bzimage_with_payload, compress
@@ -215,6 +215,24 @@ def test_two_paths_whose_crc32_collide_keep_their_own_entries(tmp_path):
     assert all(k.extracted for k in first) and not any(k.extracted for k in again)
     assert [bytes(k.image) for k in again] == [sparse_elf(b"A"), sparse_elf(b"B")]
     assert len(entries(cache)) == 2
+
+
+def test_the_cache_keeps_the_most_recently_used_entries(tmp_path):
+    """MAX_ENTRIES kernels fill the cache; the first is booted again (a hit: now the most recent);
+    two more kernels then push out the two least recently used, the second and the third."""
+    cache = tmp_path / "cache"
+    paths = [tmp_path / f"vmlinuz-{i}" for i in range(MAX_ENTRIES + 2)]
+    for i, path in enumerate(paths):
+        write_bzimage(path, sparse_elf(bytes([0x41 + i])))
+    names = []
+    for i, path in enumerate(paths[:MAX_ENTRIES]):
+        names.append(Path(kernel_for(path, cache).path).name)
+        os.utime(cache / names[-1], ns=(i * 10**9, i * 10**9))  # used in this order, long ago
+    assert entries(cache) == sorted(names)
+    assert not kernel_for(paths[0], cache).extracted  # a hit: its entry is now the most recently used
+    for path in paths[MAX_ENTRIES:]:
+        names.append(Path(kernel_for(path, cache).path).name)
+    assert entries(cache) == sorted([names[0], *names[3:]])
 
 
 def test_another_bzimage_path_keeps_its_own_entry(tmp_path):

@@ -4,7 +4,8 @@ Decompressing Debian's kernel (66 MB of xz) is most of a boot when the guest doe
 nested virtualization, and still a few hundred milliseconds in the VMM: so the ELF is kept
 in ``$XDG_CACHE_HOME/pykvm/kernels`` (``~/.cache/...``; ``PYKVM_KERNEL_CACHE`` overrides),
 under a name made of the bzImage's real path, size, inode and modification and change times (a kernel
-rebuilt or replaced in place gets a new entry; the old one for that path is removed).
+rebuilt or replaced in place gets a new entry; the old one for that path is removed), at
+most :data:`MAX_ENTRIES` of them, the most recently used.
 
 The cached file is a plain ELF vmlinux (``pykvm run --kernel`` and QEMU boot it too) written
 sparse: pages of zeros are holes. Loading asks the file system where the data is
@@ -29,6 +30,7 @@ from .payload import extract_vmlinux
 
 log = get_logger(__name__)
 PAGE = 4096
+MAX_ENTRIES = 8  # kernels kept (~30 MB on disk each for a distribution kernel), the most recently used
 Extent = Tuple[int, int]  # (file offset, length) of bytes that may be non-zero
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,6 +102,10 @@ def load(path: str) -> DirectKernel:
     except BaseException:
         image.close()
         raise
+    try:
+        os.utime(path)  # its mtime is its last use: the most recently used entries are kept
+    except OSError:
+        pass
     return DirectKernel(image, elf, extents, path, False)
 
 
@@ -131,13 +137,30 @@ def store(image: bytes, path: str, prefix: str) -> Optional[List[Extent]]:
         except OSError:
             pass
         raise
-    for old in os.listdir(directory):
-        if old.startswith(f"{prefix}-") and old.endswith(".vmlinux") and old != name:
-            try:
-                os.unlink(os.path.join(directory, old))
-            except OSError:
-                pass
+    _prune(directory, prefix, name)
     return extents
+
+
+def _prune(directory: str, prefix: str, keep: str) -> None:
+    """Remove the other entries for this bzImage path (``prefix``) and all but the
+    :data:`MAX_ENTRIES` most recently used ones; entries another process removes first are fine."""
+    others = []
+    for old in os.listdir(directory):
+        if not old.endswith(".vmlinux") or old == keep:
+            continue
+        path = os.path.join(directory, old)
+        try:
+            if old.startswith(f"{prefix}-"):
+                os.unlink(path)
+            else:
+                others.append((os.stat(path).st_mtime_ns, path))
+        except OSError:
+            pass
+    for _, path in sorted(others, reverse=True)[MAX_ENTRIES - 1:]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _extents(fd: int, size: int) -> Optional[List[Extent]]:
