@@ -170,27 +170,21 @@ def test_an_integer_memory_in_a_config_file_explains_it_counts_bytes(tmp_path):
     assert load_config(str(cfg))["memory"] == 256 << 20
 
 
-# -- --stats / --no-stats (review finding 12) -----------------------------------------------------
-@pytest.mark.parametrize("flags,expected", [([], True), (["--stats"], True), (["--no-stats"], False)])
-def test_no_stats_switches_off_a_config_files_stats(tmp_path, flags, expected):
+# -- --stats / --no-stats (review finding 12), --direct / --no-direct -------------------------------
+@pytest.mark.parametrize("option", ["stats", "direct"])
+@pytest.mark.parametrize("given,expected", [(None, True), ("--{}", True), ("--no-{}", False)])
+def test_a_boolean_option_overrides_the_config_files_value(tmp_path, option, given, expected):
+    """--stats/--no-stats and --direct/--no-direct over a config file that says true; alone they
+    give what they say (nothing: false); a value that is not a boolean is refused."""
+    flags = [given.format(option)] if given else []
     cfg = tmp_path / "vm.toml"
-    cfg.write_text('kernel = "k"\nstats = true\n')
+    cfg.write_text(f'kernel = "k"\n{option} = true\n')
     args = build_parser(["run"]).parse_args(["run", "--config", str(cfg), *flags])
-    assert run_cli.config_from_args(args).stats is expected
+    assert getattr(run_cli.config_from_args(args), option) is expected
     args = build_parser(["run"]).parse_args(["run", "--kernel", "k", *flags])
-    assert run_cli.config_from_args(args).stats is (expected and flags != [])
-
-
-@pytest.mark.parametrize("flags,expected", [([], True), (["--direct"], True), (["--no-direct"], False)])
-def test_direct_comes_from_a_config_file_or_the_command_line(tmp_path, flags, expected):
-    cfg = tmp_path / "vm.toml"
-    cfg.write_text('kernel = "k"\ndirect = true\n')
-    args = build_parser(["run"]).parse_args(["run", "--config", str(cfg), *flags])
-    assert run_cli.config_from_args(args).direct is expected
-    args = build_parser(["run"]).parse_args(["run", "--kernel", "k", *flags])
-    assert run_cli.config_from_args(args).direct is (expected and flags != [])
-    cfg.write_text('kernel = "k"\ndirect = "yes"\n')
-    with pytest.raises(MachineError, match="direct"):
+    assert getattr(run_cli.config_from_args(args), option) is (expected and flags != [])
+    cfg.write_text(f'kernel = "k"\n{option} = "yes"\n')
+    with pytest.raises(MachineError, match=option):
         run_cli.config_from_args(build_parser(["run"]).parse_args(["run", "--config", str(cfg)]))
 
 
