@@ -254,7 +254,12 @@ def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optio
         if d.driver:
             writes.append((f"{base}/driver/unbind", d.bdf))
         writes.append((PROBE, d.bdf))
-        _write_all(root, writes, [])
+        # A refusal puts the device back as it was: its override, and vfio-pci probed back if it
+        # had left it. Its record stays, so `restore` can be run again.
+        undo = [(f"{base}/driver_override", d.driver_override or "\n")]
+        if d.driver:
+            undo.append((PROBE, d.bdf))
+        _write_all(root, writes, undo)
         after = read_device(root, d.bdf, ids).driver
         result.changes.append(Change(d.bdf, d.driver, after))
         wanted = (saved or {}).get("driver")

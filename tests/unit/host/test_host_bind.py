@@ -208,6 +208,23 @@ def test_restore_clears_override_unbinds_vfio_and_probes(tree):
     assert "echo 0000:00:05.0 > /sys/bus/pci/drivers/nvme/bind" in result.notes[0]
 
 
+def test_a_refused_write_in_restore_puts_the_device_back_as_it_was(tree):
+    """The kernel refuses the probe that should hand the device to its driver: the override goes
+    back to vfio-pci (and vfio-pci is probed again), and the record stays for another restore."""
+    tree.lab_like()
+    bind(tree.root, NVME)
+    tree.link(f"/sys/devices/pci0000:00/{NVME}/driver", "../../../bus/pci/drivers/vfio-pci")  # what the kernel did
+    record = state_of(tree)
+    probe = tree.path("/sys/bus/pci/drivers_probe")
+    probe.unlink()
+    probe.mkdir()  # writing it fails (EISDIR), as a kernel refusal would
+    with pytest.raises(HostError, match="refused writing") as err:
+        restore(Root(tree.base), NVME)
+    assert "dmesg" in err.value.fix
+    assert tree.read(f"{DEV}/driver_override").strip() == "vfio-pci"  # not cleared
+    assert state_of(tree) == record is not None
+
+
 def test_restore_puts_back_a_previous_override(tree):
     tree.lab_like()
     tree.device("0000:00:0b.0", 0x8086, 0x10D3, 0x020000, driver="vfio-pci", group=7, override="vfio-pci")
