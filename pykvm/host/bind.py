@@ -259,7 +259,14 @@ def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optio
         undo = [(f"{base}/driver_override", d.driver_override or "\n")]
         if d.driver:
             undo.append((PROBE, d.bdf))
-        _write_all(root, writes, undo)
+        try:
+            _write_all(root, writes, undo)
+        except HostError as exc:
+            done = [f"{c.bdf} (now on {c.after or 'no driver'})" for c in result.changes if not c.skipped]
+            if not done:
+                raise
+            raise HostError(f"{exc.args[0]}; {d.bdf} is as it was, and already given back: {', '.join(done)}",
+                            exc.fix) from exc
         after = read_device(root, d.bdf, ids).driver
         result.changes.append(Change(d.bdf, d.driver, after))
         wanted = (saved or {}).get("driver")

@@ -225,6 +225,21 @@ def test_a_refused_write_in_restore_puts_the_device_back_as_it_was(tree):
     assert state_of(tree) == record is not None
 
 
+def test_a_refused_write_in_a_group_restore_names_the_devices_already_given_back(tree):
+    shared(tree)
+    bind(tree.root, NVME, whole_group=True)
+    for bdf in (NVME, "0000:00:06.0"):
+        tree.link(f"/sys/devices/pci0000:00/{bdf}/driver", "../../../bus/pci/drivers/vfio-pci")
+    override = tree.path("/sys/bus/pci/devices/0000:00:06.0/driver_override")
+    override.unlink()
+    override.mkdir()  # the NIC's override cannot be written
+    with pytest.raises(HostError, match=r"refused writing .*0000:00:06.0 is as it was, and already given back: "
+                                        r"0000:00:05.0 \(now on") as err:
+        restore(Root(tree.base), NVME, whole_group=True)
+    assert "dmesg" in err.value.fix
+    assert state_of(tree) is None and state_of(tree, "0000:00:06.0") is not None  # only the NIC can be retried
+
+
 def test_restore_puts_back_a_previous_override(tree):
     tree.lab_like()
     tree.device("0000:00:0b.0", 0x8086, 0x10D3, 0x020000, driver="vfio-pci", group=7, override="vfio-pci")
