@@ -371,6 +371,11 @@ class Machine:
             check_unique(config.vfio)
         try:
             self.plan: BootPlan = self._plan(kernel, initrd, kernel_stat[0])
+        except BaseException as exc:
+            import traceback
+
+            traceback.clear_frames(exc.__traceback__)  # their views of the mapped files go with their locals
+            raise
         finally:
             _unmap(kernel)
         self.times.mark("boot plan ready")
@@ -708,6 +713,8 @@ class Machine:
         if self._threads:
             log.error("vCPU threads still running; leaving the VM open")
             return
+        for loop in self.loops:
+            loop.release()
         for vcpu in self.vcpus:
             vcpu.close()
         if self.vm is not None:

@@ -109,6 +109,7 @@ class UartFastPath:
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._active = 0  # loops inside run_until
+        self._stopping = False  # stop(): the drain thread ends without waiting IDLE_EXIT
         self._flusher: Optional[threading.Thread] = None
         self._buf = ffi.new("uint8_t[]", lib.PYKVM_RL_UART_RING)
         model.fast_path = self
@@ -155,7 +156,8 @@ class UartFastPath:
         while True:
             with self._cond:
                 if not self._active:
-                    self._cond.wait(self.IDLE_EXIT)
+                    if not self._stopping:
+                        self._cond.wait(self.IDLE_EXIT)
                     if not self._active:  # no C loop runs (enter() takes this lock): C cannot signal
                         self.c.notify_fd = -1
                         os.close(self._notify)
@@ -168,6 +170,20 @@ class UartFastPath:
                 pass
             time.sleep(self.FLUSH_INTERVAL)
             self.drain()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """End the drain thread now and close its eventfd, if no loop runs (the machine's
+        close: its resources go with it, not IDLE_EXIT later). A later enter() starts another."""
+        with self._cond:
+            flusher = self._flusher
+            if self._active or flusher is None:
+                return
+            self._stopping = True
+            os.eventfd_write(self._notify, 1)  # out of select(); open while _flusher is set (closed under this lock)
+            self._cond.notify_all()
+        flusher.join(timeout)
+        with self._cond:
+            self._stopping = False
 
     def drain(self) -> None:
         """Send the bytes C queued to the model's output. Any thread."""
@@ -380,6 +396,9 @@ class _Loop:
             self.vcpu.immediate_exit = False  # the kick is consumed
         return result
 
+    def release(self) -> None:
+        """Let go of what outlives runs (the C loop's UART drain thread); the loop may run again."""
+
     def _run(self, predicate, deadline, max_exits) -> RunResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -475,6 +494,10 @@ class CRunLoop(_Loop):
 
     def _set_stop_flag(self) -> None:
         self._rl.stop = 1
+
+    def release(self) -> None:
+        if self._uart is not None:
+            self._uart.stop()
 
     def drain_uart(self) -> None:
         """Hand bytes the guest transmitted through C to the UART model's output. Any thread."""

@@ -4,6 +4,7 @@ extents and enters it at e_entry in long mode with the bzImage's own setup heade
 page. The guest prints what it finds there and resets. Every run is bounded by a timeout."""
 from __future__ import annotations
 
+import gc
 import os
 import struct
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from pykvm.vmm import machine as machine_module
+from pykvm.vmm.boot import BootError
 from pykvm.vmm.console import BufferConsole
 from pykvm.vmm.machine import EXIT_STATUS, ExitReason, Machine, MachineConfig
 from tests.kvm.test_machine_lifecycle import (
@@ -249,3 +251,28 @@ def test_no_fd_or_mapping_of_the_kernel_or_its_cache_entry_outlives_the_plan(tmp
             assert kernel not in maps and entry not in maps
         finally:
             m.close()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_kernel_refused_by_the_boot_plan_leaves_no_fd_or_mapping(tmp_path, kvm, cache, direct):
+    """The plan's error (a command line over the header's limit), held by the caller, must not
+    keep the mapped kernel file or cache entry alive through its traceback's frames."""
+    kernel = guest_bzimage(tmp_path)
+    if direct:
+        boot(kernel)  # fills the cache: the failing run maps the entry
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(BootError, match="command line") as held:  # the error stays alive below
+            Machine(MachineConfig(kernel=kernel, direct=direct, memory="64M", cmdline="x" * 300),
+                    console=BufferConsole())
+        assert held.value.__traceback__ is not None
+        fds = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}")}
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    finally:
+        if gc_was:
+            gc.enable()
+    names = [kernel] + [str(p) for p in cache.glob("*.vmlinux")]
+    assert not [n for n in names if n in fds or n in maps], (fds, names)

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from typing import Callable
 
@@ -247,6 +248,25 @@ def test_an_initrd_that_fits_only_above_4g_is_loaded_there(tmp_path, kvm):
         m.close()
     assert result.reason is ExitReason.RESET, result
     assert con.output == b"1"
+
+
+# -- what a closed machine leaves behind ---------------------------------------------------------------
+def test_a_closed_machine_leaves_no_drain_thread_or_eventfd(tmp_path, kvm):
+    """The C loop's UART drain thread and its eventfd went IDLE_EXIT (1 s) after the run, so a
+    closed machine still held an fd for a while; close() ends them (a test that counts fds right
+    after a machine's run saw one vanish under it)."""
+    def eventfds() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]" for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    before = eventfds()
+    con = BufferConsole()
+    m = Machine(MachineConfig(kernel=elf_file(tmp_path, MOV_DX_COM1 + b"\xb0\x44" + OUT_DX_AL + RESET + JMP_SELF),
+                              memory="16M", timeout=RUN_TIMEOUT), console=con)
+    result = m.run()  # builds, runs in the C loop, closes
+    assert result.reason is ExitReason.RESET and con.output == b"D", result
+    assert eventfds() == before
+    assert not [t for t in threading.enumerate() if t.name == "pykvm-uart-drain"]
 
 
 # -- a vmlinux larger than guest RAM ------------------------------------------------------------------
