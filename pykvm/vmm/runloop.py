@@ -176,7 +176,7 @@ class UartFastPath:
         close: its resources go with it, not IDLE_EXIT later). A later enter() starts another."""
         with self._cond:
             flusher = self._flusher
-            if self._active or flusher is None:
+            if self._active or flusher is None or flusher is threading.current_thread():
                 return
             self._stopping = True
             os.eventfd_write(self._notify, 1)  # out of select(); open while _flusher is set (closed under this lock)
