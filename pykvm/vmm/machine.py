@@ -361,6 +361,8 @@ class Machine:
         kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux",
                             ram, "is it the kernel? (a bzImage or vmlinux), or give the guest more memory (--memory)",
                             mapped=True, stat_out=kernel_stat)
+        if kernel is None:
+            raise MachineError("no kernel: pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux")
         initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)",
                             ram, "give the guest more memory (--memory) or use a smaller initrd")
         if initrd is not None and not initrd:

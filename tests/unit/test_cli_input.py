@@ -117,6 +117,11 @@ def test_a_pseudo_file_of_size_0_is_still_read(kernel):
         Machine(MachineConfig(kernel="/proc/version", console="none"))
 
 
+def test_a_machine_without_a_kernel_is_refused():
+    with pytest.raises(MachineError, match="no kernel: pass --kernel"):
+        Machine(MachineConfig(kernel=None, console="none"))
+
+
 @pytest.mark.parametrize("field", ["kernel", "initrd"])
 def test_an_empty_path_or_an_empty_initrd_is_refused(tmp_path, kernel, field):
     with pytest.raises(MachineError, match=f"the {field} path is empty"):
