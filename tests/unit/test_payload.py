@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 
 from pykvm.vmm.boot import payload as payload_module
 from pykvm.vmm.boot.bzimage import BzImage, parse_bzimage
-from pykvm.vmm.boot.elf import PT_LOAD, parse_elf
+from pykvm.vmm.boot.elf import PT_LOAD, elf_file_size, parse_elf
 from pykvm.vmm.boot.errors import BootImageError
-from pykvm.vmm.boot.payload import elf_file_size, extract_vmlinux
+from pykvm.vmm.boot.payload import extract_vmlinux
 from tests.unit.kernel_images import make_bzimage, make_elf, real_bzimage
 
 PAGE = 4096

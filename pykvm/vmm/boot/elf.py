@@ -99,6 +99,17 @@ def parse_elf(image: bytes) -> ElfKernel:
     return ElfKernel(entry, tuple(segments), pvh_entry)
 
 
+def elf_file_size(image: bytes) -> int:
+    """Bytes of the ELF file at the start of ``image``: through its last segment, program header
+    table or section header table (what follows, e.g. vmlinux.relocs, is not part of it)."""
+    phoff, shoff, _flags, _ehsize, phentsize, phnum, shentsize, shnum, _shstrndx = _EHDR.unpack_from(image)[5:]
+    end = max(_EHDR.size, phoff + phentsize * phnum, shoff + shentsize * shnum if shoff else 0)
+    for i in range(phnum):
+        _type, _flags, off, _vaddr, _paddr, filesz, _memsz, _align = _PHDR.unpack_from(image, phoff + i * phentsize)
+        end = max(end, off + filesz)
+    return min(end, len(image))
+
+
 def _find_pvh_entry(image: bytes, off: int, size: int) -> Optional[int]:
     """Walk Elf64_Nhdr records for Xen's PHYS32_ENTRY note (a 4- or 8-byte address)."""
     pos, end = off, off + size

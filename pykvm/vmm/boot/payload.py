@@ -19,7 +19,7 @@ import struct
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from .bzimage import BzImage
-from .elf import ElfKernel, is_elf, parse_elf
+from .elf import ElfKernel, elf_file_size, is_elf, parse_elf
 from .errors import BootImageError
 
 MIN_PAYLOAD_PROTOCOL = 0x0208  # payload_offset/payload_length
@@ -163,14 +163,3 @@ def extract_vmlinux(bz: BzImage) -> Vmlinux:
     elf = parse_elf(out)
     return Vmlinux(out[:elf_file_size(out)], elf, fmt.name)
 
-
-def elf_file_size(image: bytes) -> int:
-    """Bytes of the ELF file at the start of ``image``: through its last segment, header
-    table or section header table (what follows, e.g. vmlinux.relocs, is not part of it)."""
-    phoff, shoff = struct.unpack_from("<QQ", image, 0x20)
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 0x36)
-    end = max(64, phoff + phentsize * phnum, shoff + shentsize * shnum if shoff else 0)
-    for i in range(phnum):
-        off, _vaddr, _paddr, filesz = struct.unpack_from("<QQQQ", image, phoff + i * phentsize + 8)
-        end = max(end, off + filesz)
-    return min(end, len(image))
