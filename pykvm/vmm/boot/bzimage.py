@@ -52,6 +52,11 @@ class SetupHeader(NamedTuple):
         return f"{self.version >> 8}.{self.version & 0xFF}"
 
     @property
+    def initrd_above_4g(self) -> bool:
+        """XLF_CAN_BE_LOADED_ABOVE_4G: the kernel takes its initrd (and boot_params) above 4 GiB."""
+        return bool(self.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G)
+
+    @property
     def setup_size(self) -> int:
         """Bytes before the protected-mode kernel: the boot sector plus setup sectors."""
         return (self.setup_sects + 1) * 512

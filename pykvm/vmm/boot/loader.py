@@ -43,7 +43,7 @@ from .. import layout as L
 from ..cpu_tables import (
     RFLAGS_RESERVED, SpecialRegs, gdt_bytes, identity_page_tables, long_mode_sregs, protected_mode_sregs,
 )
-from .bzimage import ENTRY_64_OFFSET, XLF_CAN_BE_LOADED_ABOVE_4G, BzImage, SetupHeader, is_bzimage, parse_bzimage
+from .bzimage import ENTRY_64_OFFSET, BzImage, SetupHeader, is_bzimage, parse_bzimage
 from .elf import ElfKernel, is_elf, parse_elf
 from .errors import BootError, BootImageError
 from .zeropage import build_pvh_start_info, build_zero_page, synthetic_setup_header
@@ -226,7 +226,7 @@ def _plan_bzimage(img: BzImage, layout: L.Layout, cmd: bytes, initrd: Optional[b
     # needs init_size bytes there: loading lower saves nothing, so load at pref_address.
     load = hdr.pref_address
     kernel_end = load + hdr.init_size
-    above_4g = bool(hdr.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G)
+    above_4g = hdr.initrd_above_4g
     if load < L.HIGH_MEMORY_START or kernel_end > layout.low_ram_end:
         raise _kernel_misfit(f"kernel needs {hdr.init_size / L.MiB:.1f} MiB from {load:#x} to boot", load, kernel_end,
                              layout, "pref_address", initrd, kernel_end, hdr.initrd_addr_max, above_4g)
@@ -240,7 +240,7 @@ def _plan_elf(image: bytes, elf: ElfKernel, layout: L.Layout, cmd: bytes, initrd
               header: Optional[SetupHeader] = None, extents: Optional[Sequence[Extent]] = None) -> BootPlan:
     _check_cmdline(cmd, ELF_CMDLINE_SIZE if header is None else header.cmdline_size)
     addr_max = None if header is None else header.initrd_addr_max
-    above_4g = header is not None and bool(header.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G)
+    above_4g = header is not None and header.initrd_above_4g
     kernel_end = _align_up(elf.end, L.PAGE_SIZE)
     for s in elf.segments:
         if s.paddr < L.HIGH_MEMORY_START or s.end > layout.low_ram_end:
