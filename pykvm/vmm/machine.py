@@ -111,6 +111,7 @@ HALT_CHECKS = 2  # consecutive checks that must agree before the machine confirm
 HALT_ROUND_WAIT = 2.0  # seconds the vCPU threads wait for each other in a confirming round before giving it up
 PANIC_TEXT = b"Kernel panic - not syncing"
 JOIN_TIMEOUT = 5.0
+KERNEL_HINT = "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux"
 # Legacy ports Linux probes on a PC but this machine has nothing behind: (base, length, name).
 # They read as all ones (an empty ISA bus), answered in C (ConstantDevice) instead of one Python
 # exit each (~180 us in nested KVM): COM2-4, which the 8250 driver probes; the Super I/O config
@@ -358,11 +359,11 @@ class Machine:
         self.layout: Layout = memory_layout(config.memory)
         ram = self.layout.memory
         kernel_stat: List[os.stat_result] = []
-        kernel = _read_file(config.kernel, "kernel", "pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux",
+        kernel = _read_file(config.kernel, "kernel", KERNEL_HINT,
                             ram, "is it the kernel? (a bzImage or vmlinux), or give the guest more memory (--memory)",
                             mapped=True, stat_out=kernel_stat)
         if kernel is None:
-            raise MachineError("no kernel: pass --kernel with a bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux")
+            raise MachineError(f"no kernel: {KERNEL_HINT}")
         initrd = _read_file(config.initrd, "initrd", "pass --initrd with an initramfs (cpio, optionally compressed)",
                             ram, "give the guest more memory (--memory) or use a smaller initrd")
         if initrd is not None and not initrd:

@@ -94,14 +94,10 @@ def load(path: str) -> DirectKernel:
         image = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             extents = _extents(f.fileno(), len(image))
+            elf = parse_elf(image)
         except BaseException:
             image.close()
             raise
-    try:
-        elf = parse_elf(image)
-    except BaseException:
-        image.close()
-        raise
     try:
         os.utime(path)  # its mtime is its last use: the most recently used entries are kept
     except OSError:
