@@ -17,6 +17,7 @@ from pykvm.host.groups import list_groups
 from pykvm.host.kernel import Cmdline, KernelConfig, Modules, kernel_log, read_kernel_config
 from pykvm.host.pci import VFIO_DRIVER
 from pykvm.host.sysfs import Root
+from pykvm.vmm.layout import human_size, parse_size  # the sizes `pykvm run --memory` takes, and its words for them
 
 __all__ = ["CheckItem", "CheckReport", "run_checks", "parse_size", "KVM_CAPS"]
 
@@ -47,7 +48,6 @@ KCONFIG_OPTIONS = (
 _IOMMU_LOG = re.compile(r"DMAR: IOMMU enabled|DMAR: Intel\(R\) Virtualization Technology|AMD-Vi: Found IOMMU|"
                         r"AMD-Vi: AMD IOMMUv2|AMD-Vi: Interrupt remapping|DMAR-IR:")
 _IR_ON_LOG = re.compile(r"DMAR-IR: Enabled IRQ remapping|AMD-Vi: Interrupt remapping enabled")
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _CAP_IPC_LOCK = 14
 
 
@@ -72,22 +72,6 @@ class CheckReport:
 
     def to_json(self) -> dict:
         return {"root": self.root, "memory": self.memory, "ok": self.ok, "items": [asdict(i) for i in self.items]}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``512M``, ``2G``, ``4096K``, ``1T`` (binary units); a bare number is MiB, as QEMU's ``-m``."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a size: write e.g. 512M or 2G")
-    unit = m.group(2).upper() or "M"
-    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
-
-
-def _human(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 class _Host:
@@ -328,8 +312,8 @@ def check_memlock(h: _Host, memory: int) -> CheckItem:
         return CheckItem(name, PASS, "RLIMIT_MEMLOCK unlimited")
     limit = int(m.group(1))
     if limit >= memory:
-        return CheckItem(name, PASS, f"RLIMIT_MEMLOCK {_human(limit)} >= guest RAM {_human(memory)}")
-    return CheckItem(name, FAIL, f"RLIMIT_MEMLOCK {_human(limit)} < guest RAM {_human(memory)}: VFIO_IOMMU_MAP_DMA will fail with ENOMEM",
+        return CheckItem(name, PASS, f"RLIMIT_MEMLOCK {human_size(limit)} >= guest RAM {human_size(memory)}")
+    return CheckItem(name, FAIL, f"RLIMIT_MEMLOCK {human_size(limit)} < guest RAM {human_size(memory)}: VFIO_IOMMU_MAP_DMA will fail with ENOMEM",
                      f"ulimit -l {memory >> 10} (or `USER hard memlock unlimited` in /etc/security/limits.conf), or run as root")
 
 
@@ -342,12 +326,12 @@ def check_hugepages(h: _Host, memory: int) -> CheckItem:
         if m and free and free.strip().isdigit():
             size = int(m.group(1)) << 10
             if int(free) * size >= memory:
-                return CheckItem(name, PASS, f"{int(free)} free {_human(size)} pages cover guest RAM {_human(memory)}")
+                return CheckItem(name, PASS, f"{int(free)} free {human_size(size)} pages cover guest RAM {human_size(memory)}")
             if size == 2 << 20:
                 best = size
     thp = (h.root.read_text("/sys/kernel/mm/transparent_hugepage/enabled") or "").strip()
     pages = -(-memory // (best or 2 << 20))
-    return CheckItem(name, WARN, f"not enough free hugepages for {_human(memory)} (transparent hugepages: {thp or 'unknown'})",
+    return CheckItem(name, WARN, f"not enough free hugepages for {human_size(memory)} (transparent hugepages: {thp or 'unknown'})",
                      f"guest RAM falls back to 4 KiB pages (more TLB and IOMMU misses); reserve them with "
                      f"`echo {pages} > /proc/sys/vm/nr_hugepages` (or hugepages={pages} on the command line)")
 

@@ -152,6 +152,7 @@ def test_size_units_are_binary(n, unit, suffix, lower):
 
 def test_size_bare_number_is_mib_and_garbage_is_refused():
     assert parse_size("512") == 512 << 20
+    assert parse_size("4096B") == 4096  # bytes, as `pykvm run --memory` reads it (host check read 4 GiB)
     for bad in ("", "G", "1.5G", "-1G", "12X"):
         with pytest.raises(ValueError):
             parse_size(bad)
