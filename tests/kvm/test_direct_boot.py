@@ -16,6 +16,7 @@ from pykvm.vmm import machine as machine_module
 from pykvm.vmm.boot import BootError
 from pykvm.vmm.console import BufferConsole
 from pykvm.vmm.machine import EXIT_STATUS, ExitReason, Machine, MachineConfig
+from tests.conftest import fd_targets
 from tests.kvm.test_machine_lifecycle import (
     JMP_SELF, MOV_DX_COM1, OUT_DX_AL, RESET, ROOT, RUN_TIMEOUT, pykvm_run,
 )
@@ -236,6 +237,12 @@ def test_a_kernel_file_truncated_after_machine_init_does_not_kill_the_vmm(tmp_pa
     assert p.stdout == b"reset " + expected
 
 
+def files_in_use():
+    """(what this process's fds point at, its /proc/self/maps text)."""
+    with open("/proc/self/maps") as f:
+        return set(fd_targets()), f.read()
+
+
 def test_no_fd_or_mapping_of_the_kernel_or_its_cache_entry_outlives_the_plan(tmp_path, kvm, cache):
     kernel = guest_bzimage(tmp_path)
     boot(kernel)  # fills the cache
@@ -243,10 +250,7 @@ def test_no_fd_or_mapping_of_the_kernel_or_its_cache_entry_outlives_the_plan(tmp
     for direct in (True, False):
         m = Machine(MachineConfig(kernel=kernel, direct=direct, memory="64M", cmdline=CMDLINE), console=BufferConsole())
         try:
-            fds = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-                   if os.path.exists(f"/proc/self/fd/{fd}")}
-            with open("/proc/self/maps") as f:
-                maps = f.read()
+            fds, maps = files_in_use()
             assert kernel not in fds and entry not in fds, fds
             assert kernel not in maps and entry not in maps
         finally:
@@ -267,10 +271,7 @@ def test_a_kernel_refused_by_the_boot_plan_leaves_no_fd_or_mapping(tmp_path, kvm
             Machine(MachineConfig(kernel=kernel, direct=direct, memory="64M", cmdline="x" * 300),
                     console=BufferConsole())
         assert held.value.__traceback__ is not None
-        fds = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-               if os.path.exists(f"/proc/self/fd/{fd}")}
-        with open("/proc/self/maps") as f:
-            maps = f.read()
+        fds, maps = files_in_use()
     finally:
         if gc_was:
             gc.enable()

@@ -21,7 +21,7 @@ from pykvm.vmm import machine as machine_module
 from pykvm.vmm.console import BufferConsole
 from pykvm.vmm.halt_watch import HaltWatch
 from pykvm.vmm.machine import HALT_CHECKS, ExitReason, Machine, MachineConfig, MachineError
-from tests.conftest import require_or_skip
+from tests.conftest import fd_targets, require_or_skip
 from tests.kvm.pty_run import pykvm_on_a_pty
 from tests.unit.kernel_images import make_bzimage, make_elf
 
@@ -256,8 +256,7 @@ def test_a_closed_machine_leaves_no_drain_thread_or_eventfd(tmp_path, kvm):
     closed machine still held an fd for a while; close() ends them (a test that counts fds right
     after a machine's run saw one vanish under it)."""
     def eventfds() -> int:
-        return sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]" for fd in os.listdir("/proc/self/fd")
-                   if os.path.exists(f"/proc/self/fd/{fd}"))
+        return fd_targets().count("anon_inode:[eventfd]")
 
     before = eventfds()
     con = BufferConsole()
