@@ -1,7 +1,7 @@
 """Kernel images for the boot tests: Debian's real one from the lab cache, and synthetic ones.
 
 The real bzImage is the one ``pykvm lab prepare`` fetches; its vmlinux is
-recovered by decompressing the bzImage's payload (Debian compresses with xz).
+recovered as ``pykvm run --direct`` does (pykvm.vmm.boot.payload.extract_vmlinux).
 Tests that need them skip with the reason when the lab cache is empty, and fail under
 PYKVM_REQUIRE_LAB=1 (.ci/lab-deps runs ``lab prepare`` before the tests).
 Synthetic images carry just the fields the parsers read, with overrides for
@@ -10,11 +10,12 @@ building wrong ones.
 from __future__ import annotations
 
 import functools
-import lzma
 import struct
 from typing import Optional, Sequence, Tuple
 
 from pykvm.lab.image import cache_root
+from pykvm.vmm.boot.bzimage import parse_bzimage
+from pykvm.vmm.boot.payload import extract_vmlinux
 from tests.conftest import require_or_skip
 
 NO_KERNEL = "no Debian kernel in the lab cache: run `python3 -m pykvm lab prepare`"
@@ -37,21 +38,14 @@ def real_bzimage() -> bytes:
 @functools.lru_cache(maxsize=1)
 def _real_vmlinux() -> Optional[bytes]:
     image = _real_bzimage()
-    if image is None:
-        return None
-    setup = ((image[0x1F1] or 4) + 1) * 512
-    offset, length = struct.unpack_from("<II", image, 0x248)
-    payload = image[setup + offset: setup + offset + length]
-    if payload[:6] != b"\xfd7zXZ\x00":
-        return None
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    return None if image is None else extract_vmlinux(parse_bzimage(image)).image
 
 
 def real_vmlinux() -> bytes:
     __tracebackhide__ = True  # a skip shows the test's line
     vmlinux = _real_vmlinux()
     if vmlinux is None:
-        require_or_skip("PYKVM_REQUIRE_LAB", NO_KERNEL + " (with an xz-compressed payload)")
+        require_or_skip("PYKVM_REQUIRE_LAB", NO_KERNEL)
     return vmlinux
 
 
