@@ -303,13 +303,18 @@ def test_the_real_debian_kernel_decompresses_to_its_vmlinux():
     assert len(image) < size_trailer  # vmlinux.relocs was part of what was compressed
 
 
-@pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2"])
-def test_a_payload_that_inflates_past_its_trailer_stops_there(fmt):
+@pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2", *sorted(COMMANDS)])
+def test_a_payload_that_inflates_past_its_trailer_stops_there(fmt, monkeypatch):
     """A stream of 64 MiB of zeros whose trailer says 4096 bytes: refused, and decompression
     stopped at the trailer's size instead of filling memory (tracemalloc's peak: the 64 MiB
-    would count, the decoders' own buffers do not)."""
+    would count, the decoders' own buffers do not). zstd and lz4 through their commands,
+    whose output is read only up to that size."""
     import tracemalloc
 
+    if fmt in COMMANDS:
+        if shutil.which(fmt) is None:
+            pytest.skip(f"no `{fmt}` command here to make the stream with")
+        monkeypatch.setattr(payload_module, "_zstd_library", lambda: None)
     bomb = compress(fmt, bytes(64 << 20))
     if fmt != "gzip":
         bomb = bomb[:-4]

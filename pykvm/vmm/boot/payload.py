@@ -11,7 +11,8 @@ from the bzImage they have).
 
 gzip, xz, lzma and bzip2 payloads decompress with the standard library; zstd with
 ``compression.zstd`` (Python 3.14) or the ``zstd`` command, lz4 and lzo with the ``lz4`` and
-``lzop`` commands. A missing decompressor is a clear error, not a guess.
+``lzop`` commands (their output read up to the size the trailer records, as with the library
+decoders). A missing decompressor is a clear error, not a guess.
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ STDLIB: Dict[str, Callable[[bytes, int], bytes]] = {"gzip": _gzip, "xz": _xz, "l
 
 def decompress(fmt: Format, data: bytes, limit: int = MAX_VMLINUX) -> bytes:
     """``data`` decompressed as ``fmt``, at most ``limit`` bytes of it (a corrupt or hostile stream
-    cannot fill memory; commands excepted); BootImageError saying why not (corrupt, or no decompressor)."""
+    cannot fill memory, whether a library or a command decompresses it); BootImageError saying why
+    not (corrupt, or no decompressor)."""
     import lzma
     import zlib
 
@@ -119,18 +121,37 @@ def decompress(fmt: Format, data: bytes, limit: int = MAX_VMLINUX) -> bytes:
     except (zlib.error, lzma.LZMAError, OSError, ValueError, EOFError, MemoryError) as exc:  # bz2: OSError
         raise BootImageError(f"the bzImage's {fmt.name} payload does not decompress ({exc}): corrupt image") from None
     import shutil
-    import subprocess
 
     assert fmt.command is not None
     if shutil.which(fmt.command[0]) is None:
         raise BootImageError(f"the bzImage's payload is {fmt.name}-compressed and this host has no `{fmt.command[0]}` "
                              f"to decompress it: install it (apt-get install {fmt.package}), or boot without --direct")
-    p = subprocess.run(fmt.command, input=bytes(data), capture_output=True)
-    if p.returncode:
-        why = p.stderr.decode(errors="replace").strip().splitlines()
+    out, status, errors = _run_bounded(fmt.command, data, limit)
+    if status and len(out) < limit:
+        why = errors.decode(errors="replace").strip().splitlines()
         raise BootImageError(f"the bzImage's {fmt.name} payload does not decompress "
-                             f"({why[-1] if why else f'{fmt.command[0]} exit status {p.returncode}'}): corrupt image")
-    return p.stdout
+                             f"({why[-1] if why else f'{fmt.command[0]} exit status {status}'}): corrupt image")
+    return out
+
+
+def _run_bounded(command: Tuple[str, ...], data: bytes, limit: int) -> Tuple[bytes, int, bytes]:
+    """``command``'s standard output for ``data`` on its input, read up to ``limit`` bytes (the
+    command is killed there), its exit status and the end of its standard error. The input is a
+    temporary file and standard error another, so no pipe can fill and stall either side."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as errors:
+        source.write(data)
+        source.seek(0)
+        with subprocess.Popen(command, stdin=source, stdout=subprocess.PIPE, stderr=errors) as p:
+            assert p.stdout is not None
+            out = p.stdout.read(limit)
+            if len(out) == limit:
+                p.kill()  # what it would write beyond the limit is not read
+            status = p.wait()
+        errors.seek(max(0, errors.tell() - 4096))
+        return out, status, errors.read()
 
 
 class Vmlinux(NamedTuple):
