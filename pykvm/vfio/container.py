@@ -460,5 +460,9 @@ class Container(FdObject):
             super().close()
 
     def _release(self) -> None:
-        # Groups (children) are closed by now, so the kernel has unmapped everything.
-        self._drop_iommu()
+        # Groups (children) are closed by now and have left, so the kernel has unmapped
+        # everything, unless a group's device region is still mapped: that group stays in the
+        # kernel's container, which outlives this fd with its IOMMU and mappings until the
+        # group leaves (at munmap); its _detach drops the records then.
+        if not self._groups:
+            self._drop_iommu()

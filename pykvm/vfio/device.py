@@ -318,6 +318,7 @@ class Device(FdObject):
                 mm.close()
             except BufferError:
                 pass  # the caller still holds a view of it; the kernel releases the device at munmap
+                # (and only then lets the group leave its container: Group._track_mapping)
 
     def __repr__(self) -> str:
         return f"<Device {self.name} {'closed' if self.closed else f'fd={self._fd}'}>"

@@ -9,7 +9,9 @@ devices can be opened.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
@@ -102,6 +104,7 @@ class Group(FdObject):
             self.number = int(os.path.basename(self.path))
         self._sysfs = sysfs
         self.container: Optional["Container"] = None
+        self._mapped = 0  # region mappings of its devices not unmapped yet (see _track_mapping)
         super().__init__(self._open())
 
     @classmethod
@@ -177,6 +180,20 @@ class Group(FdObject):
         if container is not None:
             container._detach(self)
 
+    def _track_mapping(self, mm: mmap.mmap) -> weakref.finalize:
+        """Count ``mm``, a mapping of one of its devices' regions, until it is unmapped: the
+        kernel keeps that device open until munmap, and the device keeps this group (and so
+        its place in the container). The finalizer runs at munmap (the mmap's end, or a call)."""
+        self._mapped += 1
+        done = weakref.finalize(mm, self._unmapped)
+        done.atexit = False
+        return done
+
+    def _unmapped(self) -> None:
+        self._mapped -= 1
+        if not self._mapped and self.closed:
+            self._left()  # the kernel released the last device: the group leaves its container now
+
     def get_device(self, bdf: str) -> Device:
         """Open device ``bdf`` of this group (needs a container with an IOMMU set)."""
         bdf = normalize_bdf(bdf)
@@ -203,8 +220,11 @@ class Group(FdObject):
         return [d for d in self._children if not d.closed]
 
     def _release(self) -> None:
-        # Closing the group fd takes it out of its container in the kernel.
-        self._left()
+        # Closing the group fd takes it out of its container in the kernel once its devices are
+        # released; a device region the caller still maps (a view of it is held) keeps its device
+        # open, and the group in the container with the IOMMU and every DMA mapping, until munmap.
+        if not self._mapped:
+            self._left()
 
     def __repr__(self) -> str:
         return f"<Group {self.number} {'closed' if self.closed else f'fd={self._fd}'}>"

@@ -13,7 +13,7 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from pykvm._native import ffi, lib
 from pykvm.vfio.caps import read_array, read_struct, walk_chain
@@ -106,10 +106,12 @@ class Mmio:
 
     ``read32``/``write32`` (and the 8/16/64-bit variants) are single accesses of that
     width, as device registers need; ``view`` is the raw memoryview for bulk data.
+    ``unmapped`` is called once :meth:`close` has unmapped it.
     """
 
-    def __init__(self, mm: mmap.mmap, base: int):
+    def __init__(self, mm: mmap.mmap, base: int, unmapped: Optional[Callable[[], None]] = None):
         self._mm = mm
+        self._unmapped = unmapped
         self.base = base
         self.size = len(mm)
         self.view = memoryview(mm)
@@ -163,6 +165,8 @@ class Mmio:
                 v.release()
             self.view.release()
             self._mm.close()
+            if self._unmapped is not None:
+                self._unmapped()
 
     def __enter__(self) -> "Mmio":
         return self
@@ -242,7 +246,7 @@ class Region:
         except OSError as exc:
             raise vfio_error(exc.errno, f"mmap of region {self.index} [{offset:#x}, {offset + size:#x}) refused: "
                                         f"{exc.strerror}", "mmap") from None
-        mmio = Mmio(mm, offset)
+        mmio = Mmio(mm, offset, self.device.group._track_mapping(mm))
         self.device._mmaps.add(mmio)
         return mmio
 
