@@ -24,7 +24,11 @@ segments, just short of the 512 KiB limit; the kernel does not poll a read it sp
 1 MiB polled reads hung in every try), so ``poll:4`` has as many bytes in flight as a
 1 MiB ``sync`` read (two 512 KiB commands). When a poll mode is asked for, every nvme
 driver (L1's and the guests') is re-probed with ``poll_queues=1`` before the first read,
-so all variants read from the same queue layout. The lab's emulated NVMe (QEMU 7.2 in L0)
+so all variants read from the same queue layout. Any mode may end in ``+huge`` (``sync+huge``,
+``irq+huge:4``): the reader's buffer then sits on 2 MiB transparent huge pages, so the kernel
+pins and releases one page head per 2 MiB for each read instead of a struct page per 4 KiB (the
+bench prints how much of the buffer each machine got on huge pages). ``--guest-append`` adds
+kernel parameters to both L2 guests, (b) and (c) alike. The lab's emulated NVMe (QEMU 7.2 in L0)
 sometimes leaves commands pending until the driver's 30 s timeout, L1's own driver
 included, and more often with the io_uring modes: reads of one mode that do not finish
 within 90 s are cut off and reported as failures (with L1's nvme messages), and a guest's
@@ -64,13 +68,14 @@ DEBUGFS = "/sys/kernel/debug"
 KVM_STATS = ("exits", "io_exits", "mmio_exits", "irq_injections", "halt_exits", "halt_successful_poll")
 BEGIN, END = "BENCH-BEGIN", "BENCH-END"
 IDLE = "idle"
-READ_RE = re.compile(r"BENCH-READ (\S+) (\d+) ([\d.]+)")
+READ_RE = re.compile(r"BENCH-READ (\S+) (\d+) ([\d.]+) ([\d.]+)")  # mode, bytes, seconds, reader's CPU seconds
 TARGETS = {"pykvm/L1": 0.9, "pykvm/QEMU": 1.0}
 RATIOS = {"pykvm/L1": ("L1", "pykvm"), "pykvm/QEMU": ("QEMU", "pykvm"), "pykvm/L1-DMA": ("L1-DMA", "pykvm")}
 VARIANTS = ("L1", "L1-DMA", "pykvm", "QEMU")
 POLL_QUEUES = "/sys/module/nvme/parameters/poll_queues"
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 READ_TIMEOUT = 90  # seconds for one mode's reads (~3 s when the device keeps up)
+HUGE_NOTE = re.compile(r"direct_read: (-?\d+) kB of the (\d+) kB buffer on huge pages")
 
 GUEST_SCRIPT = """
 wait_disk() {{ i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done; }}
@@ -83,6 +88,8 @@ if [ {poll_queues} -gt 0 ]; then
     wait_disk
 fi
 echo "BENCH-IOPOLL $(cat /sys/block/nvme0n1/queue/io_poll)"
+# Linux turns THP off in machines under 512 MiB, as these guests are: +huge modes madvise them.
+echo madvise > /sys/kernel/mm/transparent_hugepage/enabled
 nvirqs() {{ grep nvme /proc/interrupts | awk '{{n = 0; for (k = 2; k <= NF; k++) {{ if ($k ~ /^[0-9]+$/) n += $k; else break }}; s += n}} END {{print s + 0}}'; }}
 dd if=/dev/nvme0n1 of=/dev/null bs=1M count=8 iflag=direct 2>/dev/null
 echo "{begin} {idle}"; sleep 2; echo "{end} {idle}"
@@ -91,9 +98,10 @@ for spec in {modes}; do
     before=$(nvirqs)
     echo "{begin} $spec"
     sleep 1
-    timeout {read_timeout} /bin/direct_read /dev/nvme0n1 {bs} {reps} $kind $depth > /tmp/reads.log
+    timeout {read_timeout} /bin/direct_read /dev/nvme0n1 {bs} {reps} $kind $depth > /tmp/reads.log 2> /tmp/reads.err
     sleep 1
     echo "{end} $spec"
+    cat /tmp/reads.err
     echo "BENCH-IRQS $spec $(( $(nvirqs) - before ))"
     sed "s/^BENCH-READ /BENCH-READ $spec /" /tmp/reads.log
 done
@@ -140,10 +148,18 @@ class Windows:
 
 
 def parse_reads(text: str) -> Dict[str, List[float]]:
-    """MB/s of each ``BENCH-READ mode bytes seconds`` line in ``text``, by mode."""
+    """MB/s of each ``BENCH-READ mode bytes seconds cpu`` line in ``text``, by mode."""
     out: Dict[str, List[float]] = {}
     for m in READ_RE.finditer(text):
         out.setdefault(m[1], []).append(int(m[2]) / float(m[3]) / 1e6)
+    return out
+
+
+def parse_cpu(text: str) -> Dict[str, List[float]]:
+    """The reader's CPU milliseconds per MB of each ``BENCH-READ`` line in ``text``, by mode."""
+    out: Dict[str, List[float]] = {}
+    for m in READ_RE.finditer(text):
+        out.setdefault(m[1], []).append(float(m[4]) * 1e3 / (int(m[2]) / 1e6))
     return out
 
 
@@ -156,9 +172,9 @@ def build_reader(workdir: str) -> str:
     return out
 
 
-def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str) -> Tuple[List[float], str]:
-    """L1's reads of ``mode`` (MB/s each) and, if they did not all finish within
-    READ_TIMEOUT seconds, what the reader and L1's nvme driver said."""
+def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str, variant: str) -> Tuple[List[float], List[float], str]:
+    """L1's reads of ``mode`` (MB/s each, and the reader's CPU ms per MB) and, if they did not
+    all finish within READ_TIMEOUT seconds, what the reader and L1's nvme driver said."""
     from pykvm.lab.demo import namespace_of
 
     device = namespace_of(bdf)
@@ -168,13 +184,22 @@ def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str) -> Tuple[List
         run = subprocess.run([reader, device, str(bs), str(reps), *reader_args(mode)], capture_output=True, text=True,
                              timeout=READ_TIMEOUT)
         text, error = run.stdout, run.stderr
+        print_huge_notes(variant, mode, error)
     except subprocess.TimeoutExpired as exc:
         text, error = (exc.stdout or b"").decode(), f"no end after {READ_TIMEOUT} s"
-    reads = parse_reads(text.replace("BENCH-READ ", f"BENCH-READ {mode} ")).get(mode, [])
+    text = text.replace("BENCH-READ ", f"BENCH-READ {mode} ")
+    reads = parse_reads(text).get(mode, [])
     if len(reads) == reps:
-        return reads, ""
+        return reads, parse_cpu(text)[mode], ""
     dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
-    return [], error + "\n" + "\n".join(line for line in dmesg[-200:] if "nvme" in line)[-1000:]
+    return [], [], error + "\n" + "\n".join(line for line in dmesg[-200:] if "nvme" in line)[-1000:]
+
+
+def print_huge_notes(variant: str, mode: str, text: str) -> None:
+    """Say how much of a +huge mode's read buffer the reader got on huge pages (a mode that
+    asked for them and did not get them measures something else)."""
+    for got, size in HUGE_NOTE.findall(text):
+        print(f"  {variant} {mode}: {got} of {size} kB of the read buffer on huge pages", flush=True)
 
 
 def reprobe_nvme(bdf: str, domain: Optional[str] = None, poll_queues: Optional[int] = None) -> Tuple[str, int]:
@@ -216,7 +241,9 @@ def guest_result(run, windows: Windows, name: str, modes: List[str], reps: int) 
             done[mode] = {"mbps": reads[mode], "kvm": windows.delta(mode), "guest_nvme_irqs": int(irqs[mode]),
                           "io_poll": iopoll and int(iopoll[1]), "seconds": run.seconds}
         else:
-            failed[mode] = run.console[run.console.find(f"{BEGIN} {mode}"):run.console.find(f"{END} {mode}")][-1000:]
+            start = run.console.find(f"{BEGIN} {mode}")
+            end = run.console.find(BEGIN, start + 1)  # the reader's stderr follows its END line
+            failed[mode] = run.console[start:end if end > 0 else None][-1000:]
     return done, failed
 
 
@@ -263,6 +290,7 @@ def measure_modes(args, modes: List[str]) -> dict:
     kernel, modules = guest_kernel()
     samples: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}
     by_round: Dict[str, Dict[str, Dict[int, float]]] = {v: {m: {} for m in modes} for v in VARIANTS}  # median MB/s
+    cpu_ms: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}  # reader's CPU ms per MB
     windows: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in ("pykvm", "QEMU")}
     stats_tables: List[str] = []
     failures: List[dict] = []
@@ -273,6 +301,7 @@ def measure_modes(args, modes: List[str]) -> dict:
             script = GUEST_SCRIPT.format(bs=args.bs, reps=args.reps, begin=BEGIN, end=END, idle=IDLE,
                                          modes=" ".join(modes), poll_queues=poll_queues, poll_param=POLL_QUEUES,
                                          read_timeout=READ_TIMEOUT)
+            cmdline = " ".join([guest_cmdline(), *args.guest_append])
             initrd = build_guest_initramfs(Path(tmp) / "bench.img", script, ["nvme"],
                                            {"/bin/direct_read": Path(reader)}, modules_dir=modules)
             for round_ in range(args.rounds):
@@ -280,8 +309,9 @@ def measure_modes(args, modes: List[str]) -> dict:
                     original = reprobe_nvme(NVME_BDF, domain=domain_type)[0] if domain_type else None
                     try:
                         for mode in modes:
-                            reads, error = l1_reads(reader, NVME_BDF, args.bs, args.reps, mode)
+                            reads, cpu, error = l1_reads(reader, NVME_BDF, args.bs, args.reps, mode, variant)
                             samples[variant][mode] += reads
+                            cpu_ms[variant][mode] += cpu
                             if reads:
                                 by_round[variant][mode][round_] = statistics.median(reads)
                             if error:
@@ -299,11 +329,12 @@ def measure_modes(args, modes: List[str]) -> dict:
                         with (ExitTrace() if args.trace else contextlib.nullcontext()) as trace:
                             seen = Windows(trace)
                             if name == "pykvm":
-                                run = run_guest(kernel, initrd, vfio=[NVME_BDF], timeout=600, stream=seen)
+                                run = run_guest(kernel, initrd, vfio=[NVME_BDF], cmdline=cmdline, timeout=600, stream=seen)
                                 stats_tables.append(run.log)
                             else:
-                                run = run_streaming(qemu_argv(kernel, initrd, NVME_BDF, guest_cmdline()), 660, seen)
+                                run = run_streaming(qemu_argv(kernel, initrd, NVME_BDF, cmdline), 660, seen)
                         done, failed = guest_result(run, seen, name, modes, args.reps)
+                        print_huge_notes(name, ",".join(m for m in modes if "+huge" in m), run.console)
                         traced = traced_windows(trace, modes) if trace is not None else {}
                         for tag, t in traced.items():
                             print(f"round {round_ + 1} {tag}: {name} L1 trace: wall {t['wall']:.2f} s, guest running "
@@ -316,6 +347,7 @@ def measure_modes(args, modes: List[str]) -> dict:
                             got["trace"] = traced.get(mode)
                             reads = got.pop("mbps")
                             samples[name][mode] += reads
+                            cpu_ms[name][mode] += parse_cpu(run.console)[mode]
                             if reads:
                                 by_round[name][mode][round_] = statistics.median(reads)
                             windows[name][mode].append(got)
@@ -324,7 +356,7 @@ def measure_modes(args, modes: List[str]) -> dict:
     finally:
         if poll_queues:
             reprobe_nvme(NVME_BDF, domain=domain, poll_queues=old_poll)
-    return {"mbps": samples, "by_round": by_round, "windows": windows, "pykvm_stats": stats_tables[-1],
+    return {"mbps": samples, "by_round": by_round, "cpu_ms_per_mb": cpu_ms, "windows": windows, "pykvm_stats": stats_tables[-1],
             "failures": failures, "l1_thp": Path(THP).read_text().strip()}
 
 
@@ -374,13 +406,17 @@ def summarize(measured: dict, args) -> dict:
             print(f"  {name:<30}{value:>8.3f}x  {tail}")
         for name, pr in paired.items():
             print(f"  {name:<30}per round: {pr.describe('higher')}")
+        cpu = {name: statistics.median(measured["cpu_ms_per_mb"][name][mode]) for name in VARIANTS}
+        print("  the reader's own CPU time (user + system, each machine's accounting), ms per MB: "
+              + ", ".join(f"{name} {cpu[name]:.3f} ({cpu[name] * mbps[name] / 10:.0f}% of the read time)"
+                          for name in VARIANTS))
         exits = {name: per_mb(measured["windows"][name][mode], args.reps, devices.NVME_DISK_SIZE)
                  for name in ("pykvm", "QEMU")}
         print("  per MB read (read windows only, idle subtracted):")
         for name, values in exits.items():
             print(f"    {name:<8}" + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
         out[mode] = {"mbps_median": mbps, "ratios": ratios, "met": {k: v == "met" for k, v in said.items()},
-                     "paired": {k: v.as_dict() for k, v in paired.items()}, "per_mb": exits}
+                     "paired": {k: v.as_dict() for k, v in paired.items()}, "per_mb": exits, "reader_cpu_ms_per_mb": cpu}
     if measured["failures"]:
         print(f"{len(measured['failures'])} read sets of a mode did not finish (JSON: failures): "
               + ", ".join(f"round {f['round']} {f['variant']} {f['mode']}" for f in measured["failures"]))
@@ -394,15 +430,17 @@ def in_lab(args) -> int:
     """Run this script inside L1 and bring its JSON back."""
     return rerun_in_lab(__file__, ["--bs", str(args.bs), "--reps", str(args.reps), "--rounds", str(args.rounds),
                                    "--modes", ",".join(args.modes), *(["--l1-thp", args.l1_thp] if args.l1_thp else []),
-                                   *(["--trace"] if args.trace else [])], "passthrough_dma.json", args.json, timeout=2400)
+                                   *(["--trace"] if args.trace else []),
+                                   *(f"--guest-append={a}" for a in args.guest_append)], "passthrough_dma.json", args.json, timeout=2400)
 
 
 def mode_list(text: str) -> List[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     for m in modes:
         kind, _, depth = m.partition(":")
+        kind = kind.removesuffix("+huge")
         if kind not in ("sync", "irq", "poll") or (kind == "sync" and depth) or (depth and not depth.isdigit()):
-            raise ValueError(f"mode {m!r}: use sync, irq:N or poll:N")
+            raise ValueError(f"mode {m!r}: use sync, irq:N or poll:N, each optionally +huge (sync+huge, irq+huge:N)")
     return modes
 
 
@@ -419,6 +457,9 @@ def main() -> int:
     p.add_argument("--trace", action="store_true",
                    help="also trace L1's KVM exits during each guest's read windows: guest running vs L1 handling "
                         "time and the costliest exit reasons (pykvm.lab.ktrace)")
+    p.add_argument("--guest-append", action="append", default=[], metavar="PARAMS",
+                   help="kernel parameters added to both L2 guests' command lines, (b) and (c) alike (repeatable; "
+                        "e.g. idle=poll)")
     args = p.parse_args()
     if os.environ.get("PYKVM_IN_LAB") != "1":
         return in_lab(args)
