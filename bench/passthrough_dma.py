@@ -2,8 +2,8 @@
 
 All in ONE lab run (L1 = QEMU TCG with an emulated Intel IOMMU), the same static reader
 (``bench/c/direct_read.c``: reads of ``--bs`` bytes with O_DIRECT over the whole 64 MiB
-disk, timed with CLOCK_MONOTONIC; busybox's dd here prints no timing) ``--reps`` times per
-boot and per mode, over ``--rounds`` interleaved rounds:
+disk, timed with CLOCK_MONOTONIC, with its own CPU time from getrusage; busybox's dd here
+prints no timing) ``--reps`` times per boot and per mode, over ``--rounds`` interleaved rounds:
 
 - (a) ``L1``: L1's own nvme driver (the device in the IOMMU's pass-through domain, iommu=pt);
 - (a') ``L1-DMA``: the same with the device's IOMMU group switched to a translated DMA domain
@@ -102,6 +102,8 @@ for spec in {modes}; do
     sleep 1
     echo "{end} $spec"
     cat /tmp/reads.err
+    # a stall's account (quiet hides it): "aborting" is a command the device kept, "polled" a lost interrupt
+    dmesg | grep -E "nvme.*(timeout|abort|reset|polled)" | tail -5
     echo "BENCH-IRQS $spec $(( $(nvirqs) - before ))"
     sed "s/^BENCH-READ /BENCH-READ $spec /" /tmp/reads.log
 done
