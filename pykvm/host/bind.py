@@ -202,7 +202,7 @@ def _refuse_if_open(bdf: str, group: int) -> None:
     that shows in /proc): collect them first. A device region still mapped holds the
     device, and with it the group, though no fd shows: opening the group node then
     fails with EBUSY, which is asked last."""
-    from pykvm.vfio.group import holders  # only on a real system
+    from pykvm.vfio.group import holders, vfio_mappers  # only on a real system
 
     gc.collect()  # our own VFIO objects awaiting collection (device fds included) close now
     path = f"/dev/vfio/{group}"
@@ -216,27 +216,12 @@ def _refuse_if_open(bdf: str, group: int) -> None:
     except OSError as exc:
         if exc.errno != errno.EBUSY:
             return  # no node (yet), or not ours to open: the unbind itself will say
-        mappers = _vfio_mappers()
+        mappers = vfio_mappers()
         raise HostError(f"{bdf}'s group {path} is still held, though no process has it open: a device region "
                         f"stays mapped ({'by ' + ', '.join(mappers) if mappers else 'by a process /proc does not show'})"
                         ", and unbinding it from vfio-pci would block until it is unmapped",
                         "stop that VMM or program, or unmap the region (release every view of it), "
                         "then restore again") from None
-
-
-def _vfio_mappers() -> List[str]:
-    """``pid (comm)`` of processes with a VFIO device's memory mapped (/proc/PID/maps shows
-    the device file as ``anon_inode:[vfio-device]``; which device, it does not say)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/maps") as maps:
-                if any(line.rstrip().endswith("anon_inode:[vfio-device]") for line in maps):
-                    with open(f"/proc/{pid}/comm") as f:
-                        found.append(f"{pid} ({f.read().strip()})")
-        except OSError:
-            continue
-    return found
 
 
 def restore(root: Root, bdf: str, *, whole_group: bool = False, state_dir: Optional[str] = None) -> BindResult:

@@ -84,6 +84,22 @@ def holders(path: str) -> List[str]:
     return found
 
 
+def vfio_mappers() -> List[str]:
+    """``pid (comm)`` of processes with a VFIO device's memory mapped (/proc/PID/maps shows
+    the device file as ``anon_inode:[vfio-device]``; which device, it does not say). Such a
+    mapping keeps its device open, and the device its group, after every fd is closed."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if any(line.rstrip().endswith("anon_inode:[vfio-device]") for line in maps):
+                    with open(f"/proc/{pid}/comm") as f:
+                        found.append(f"{pid} ({f.read().strip()})")
+        except OSError:
+            continue
+    return found
+
+
 @dataclass(frozen=True)
 class GroupStatus:
     viable: bool
@@ -127,8 +143,14 @@ class Group(FdObject):
                              "open") from None
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                who = ", ".join(holders(self.path)) or "another process"
-                raise vfio_error(errno.EBUSY, f"{self.path} is in use (open in {who}); a group can be open "
+                who = holders(self.path)
+                if who:
+                    why = f"open in {', '.join(who)}"
+                else:  # no fd: a device region still mapped holds the device, which holds the group
+                    mappers = vfio_mappers()
+                    why = ("held by a device region still mapped" +
+                           (f", by {', '.join(mappers)}" if mappers else "") + ", until it is unmapped")
+                raise vfio_error(errno.EBUSY, f"{self.path} is in use ({why}); a group can be open "
                                               "once at a time", "open") from None
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise vfio_error(exc.errno, f"cannot open {self.path}: permission denied (run as root or "

@@ -114,7 +114,10 @@ class Mmio:
         self._unmapped = unmapped
         self.base = base
         self.size = len(mm)
-        self.view = memoryview(mm)
+        self._open_views()
+
+    def _open_views(self) -> None:
+        self.view = memoryview(self._mm)
         self._views = {w: self.view.cast(c) for w, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
 
     def _index(self, offset: int, width: int) -> int:
@@ -159,12 +162,17 @@ class Mmio:
         return self._mm.closed
 
     def close(self) -> None:
-        """Unmap. Idempotent."""
+        """Unmap. Idempotent. While the caller still holds a view of the memory (a slice or
+        cast of ``view``), it cannot be unmapped: BufferError, and this Mmio stays usable."""
         if not self._mm.closed:
             for v in self._views.values():
                 v.release()
             self.view.release()
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                self._open_views()
+                raise
             if self._unmapped is not None:
                 self._unmapped()
 

@@ -95,6 +95,9 @@ def test_closed_group_stays_in_its_container_while_a_bar_view_is_held(edu_bound)
         assert edu_id(bar) == 0x010000ED
         assert dma_round_trip(bar, buf)
         assert group_busy(edu_bound)
+        # no fd shows the holder: the error says what holds the group, and who
+        with pytest.raises(VfioError, match=rf"in use \(held by a device region still mapped, by {os.getpid()} \("):
+            Group.for_device(edu_bound)
     finally:
         # The last export: the mmap goes, munmap releases the device and the group. Done on a
         # failure too, or the traceback keeps the device open and unbinding it hangs.

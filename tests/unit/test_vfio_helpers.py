@@ -11,6 +11,7 @@ from pykvm.vfio import EventFd
 from pykvm.vfio.group import group_members, group_of_device, normalize_bdf
 from pykvm.vfio.iommufd import IommufdSupport, detect
 from pykvm.vfio.irqs import irq_set
+from pykvm.vfio.regions import Mmio
 
 
 @given(st.integers(0, 4), st.integers(0, 2047),
@@ -88,3 +89,23 @@ def test_group_sysfs_lookup(tmp_path):
         group_of_device("0000:00:06.0", sysfs)
     with pytest.raises(OSError, match="no PCI device 0000:00:09.0"):
         group_of_device("0000:00:09.0", sysfs)
+
+
+def test_an_mmio_whose_memory_a_caller_still_views_stays_usable_when_close_fails():
+    """Mmio's own views are released to unmap; a caller's slice keeps the memory exported, so
+    mmap.close() refuses: the Mmio must not be left with dead views (it was: ValueError on the
+    next read). Anonymous memory stands in for a BAR: this is the Python view bookkeeping only."""
+    import mmap
+
+    unmapped = []
+    m = Mmio(mmap.mmap(-1, 2 * mmap.PAGESIZE), 0x1000, lambda: unmapped.append(True))
+    held = m.view[8:16].cast("Q")
+    with pytest.raises(BufferError):
+        m.close()
+    assert not m.closed and unmapped == []
+    m.write64(0x1008, 0x1122334455667788)
+    assert m.read64(0x1008) == held[0] == 0x1122334455667788
+    held.release()
+    m.close()
+    m.close()  # idempotent
+    assert m.closed and unmapped == [True]
