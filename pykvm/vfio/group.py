@@ -194,7 +194,14 @@ class Group(FdObject):
         """Leave the container (devices must be closed first: the kernel refuses with EBUSY)."""
         for child in list(self._children):
             child.close()
-        self._ioctl("VFIO_GROUP_UNSET_CONTAINER")
+        try:
+            self._ioctl("VFIO_GROUP_UNSET_CONTAINER")
+        except VfioError as exc:
+            if exc.errno != errno.EBUSY or not self._mapped:
+                raise
+            raise vfio_error(errno.EBUSY, f"group {self.number} cannot leave its container while a region of its "
+                                          f"device is still mapped ({self._mapped} mapping(s) a caller's view keeps): "
+                                          "release every view of it first", "VFIO_GROUP_UNSET_CONTAINER") from None
         self._left()
 
     def _left(self) -> None:

@@ -149,3 +149,28 @@ def test_closed_container_keeps_its_mappings_while_a_bar_view_is_held(edu_bound)
         assert again.alive()
     finally:
         again.close()
+
+
+def test_unset_container_while_a_bar_view_is_held_says_why(edu_bound):
+    """The kernel refuses VFIO_GROUP_UNSET_CONTAINER (EBUSY) while the device is open, which a
+    mapping keeps it: the error says which mapping, and the group stays where the kernel has it."""
+    before = open_fds()
+    e = Edu(edu_bound)
+    c, group = e.container, e.group
+    bar = e.bar0.view[:0x100]
+    try:
+        with pytest.raises(VfioError, match=r"cannot leave its container while a region of its device is still "
+                                            r"mapped \(1 mapping") as info:
+            group.unset_container()
+        assert info.value.errno == errno.EBUSY
+        assert e.device.closed and not e.bar0.closed  # the BAR could not be unmapped under the view
+        assert group.container is c and c.iommu_type == TYPE1v2 and kernel_iommu_errno(c) == 0
+        assert edu_id(bar) == 0x010000ED
+    finally:
+        bar.release()
+    e.bar0.close()
+    group.unset_container()  # nothing maps the device now
+    assert group.container is None and c.iommu_type is None
+    group.close()  # no longer the container's child: closed on its own
+    c.close()
+    assert open_fds() == before
