@@ -74,6 +74,20 @@ def dma_round_trip(bar: memoryview, buf: mmap.mmap) -> bool:
     return buf[PAGE:PAGE + len(payload)] == payload
 
 
+def assert_given_back(bdf: str, group, c, m, buf: mmap.mmap, before) -> None:
+    """After the last view went: pykvm has dropped the group, IOMMU and mapping, the kernel lets
+    the group open again and ``buf`` be closed (unpinned), no fd is left and edu works anew."""
+    assert group.container is None and c.iommu_type is None and c.mappings == [] and not m.mapped
+    assert not group_busy(bdf)
+    buf.close()  # no longer pinned
+    assert open_fds() == before
+    again = Edu(bdf)
+    try:
+        assert again.alive()
+    finally:
+        again.close()
+
+
 def test_closed_group_stays_in_its_container_while_a_bar_view_is_held(edu_bound):
     before = open_fds()
     e = Edu(edu_bound)
@@ -103,19 +117,11 @@ def test_closed_group_stays_in_its_container_while_a_bar_view_is_held(edu_bound)
         # failure too, or the traceback keeps the device open and unbinding it hangs.
         bar.release()
         gc.collect()
-    assert group.container is None and c.iommu_type is None and c.mappings == [] and not m.mapped
     assert kernel_iommu_errno(c) == errno.EINVAL
     with pytest.raises(VfioError, match="no IOMMU set"):
         c.iommu_info()
-    assert not group_busy(edu_bound)
-    buf.close()  # no longer pinned
     c.close()
-    assert open_fds() == before
-    again = Edu(edu_bound)
-    try:
-        assert again.alive()
-    finally:
-        again.close()
+    assert_given_back(edu_bound, group, c, m, buf, before)
 
 
 def test_closed_container_keeps_its_mappings_while_a_bar_view_is_held(edu_bound):
@@ -140,15 +146,7 @@ def test_closed_container_keeps_its_mappings_while_a_bar_view_is_held(edu_bound)
         bar.release()
         e.bar0.close()  # munmap: the group leaves, the last one, so the IOMMU and mappings go
     assert e.bar0.closed
-    assert group.container is None and c.iommu_type is None and c.mappings == [] and not m.mapped
-    assert not group_busy(edu_bound)
-    buf.close()
-    assert open_fds() == before
-    again = Edu(edu_bound)
-    try:
-        assert again.alive()
-    finally:
-        again.close()
+    assert_given_back(edu_bound, group, c, m, buf, before)
 
 
 def test_unset_container_while_a_bar_view_is_held_says_why(edu_bound):
