@@ -46,7 +46,11 @@ in L1's kernel: interrupt delivery, EOI, HLT), those that reached the VMM in use
 (``io_exits`` + ``mmio_exits``), interrupts injected, and the guest's NVMe interrupts.
 pykvm's whole-run ``--stats`` table is printed too.
 
-Needs the lab (boots it when there is no /dev/vfio here). ``--json PATH`` lands on the host.
+Runs in the lab by default (it boots it), on the lab's NVMe. ``--here`` runs it on this
+machine instead, a host with VT-x/AMD-V, an IOMMU and an NVMe to spare (``--device BDF``,
+its namespaces unmounted; it is read, never written, then bound to vfio-pci for the guests
+and given back), with QEMU installed for (c); ``--span`` bounds each pass (default: the
+whole disk, which in the lab is 64 MiB). ``--json PATH`` lands on the host.
 """
 from __future__ import annotations
 
@@ -63,6 +67,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from common import paired_ratio, parser, rerun_in_lab, verdict  # puts the checkout on sys.path
+from pykvm.lab import NVME_BDF as LAB_NVME  # noqa: E402 (after common puts the checkout on sys.path)
+from pykvm.pci_address import canonical_bdf  # noqa: E402
+from pykvm.vmm.layout import parse_size  # noqa: E402
 
 DEBUGFS = "/sys/kernel/debug"
 KVM_STATS = ("exits", "io_exits", "mmio_exits", "irq_injections", "halt_exits", "halt_successful_poll")
@@ -98,7 +105,7 @@ for spec in {modes}; do
     before=$(nvirqs)
     echo "{begin} $spec"
     sleep 1
-    timeout {read_timeout} /bin/direct_read /dev/nvme0n1 {bs} {reps} $kind $depth > /tmp/reads.log 2> /tmp/reads.err
+    timeout {read_timeout} /bin/direct_read /dev/nvme0n1 {bs} {reps} $kind $depth {span} > /tmp/reads.log 2> /tmp/reads.err
     sleep 1
     echo "{end} $spec"
     cat /tmp/reads.err
@@ -174,7 +181,8 @@ def build_reader(workdir: str) -> str:
     return out
 
 
-def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str, variant: str) -> Tuple[List[float], List[float], str]:
+def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str, variant: str,
+             span: int) -> Tuple[List[float], List[float], str]:
     """L1's reads of ``mode`` (MB/s each, and the reader's CPU ms per MB) and, if they did not
     all finish within READ_TIMEOUT seconds, what the reader and L1's nvme driver said."""
     from pykvm.lab.demo import namespace_of
@@ -183,8 +191,8 @@ def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str, variant: str)
     if device is None:
         raise RuntimeError(f"L1 has no namespace for {bdf}")
     try:
-        run = subprocess.run([reader, device, str(bs), str(reps), *reader_args(mode)], capture_output=True, text=True,
-                             timeout=READ_TIMEOUT)
+        run = subprocess.run([reader, device, str(bs), str(reps), *reader_args(mode), str(span)], capture_output=True,
+                             text=True, timeout=READ_TIMEOUT)
         text, error = run.stdout, run.stderr
         print_huge_notes(variant, mode, error)
     except subprocess.TimeoutExpired as exc:
@@ -283,35 +291,49 @@ def measure(args) -> dict:
         Path(THP).write_text(thp)
 
 
+def pass_bytes(bdf: str, span: int) -> int:
+    """Bytes each pass reads: ``span`` (0: all) of the namespace of ``bdf``'s (host-driven) NVMe."""
+    from pykvm.lab.demo import namespace_of
+
+    device = namespace_of(bdf)
+    if device is None:
+        raise RuntimeError(f"{bdf} has no NVMe namespace here: is it an NVMe controller, on the nvme driver?")
+    size = int(Path(f"/sys/block/{os.path.basename(device)}/size").read_text()) * 512
+    return min(span, size) if span else size
+
+
 def measure_modes(args, modes: List[str]) -> dict:
-    from pykvm.lab import NVME_BDF
     from pykvm.lab.ktrace import ExitTrace
     from pykvm.lab.l2 import build_guest_initramfs, guest_cmdline, guest_kernel, run_guest, run_streaming, vfio_bound
 
+    bdf = args.device
     poll_queues = 1 if any(m.startswith("poll") for m in modes) else 0
     kernel, modules = guest_kernel()
+    disk_bytes = pass_bytes(bdf, args.span)
+    disk_bytes -= disk_bytes % args.bs if disk_bytes >= args.bs else 0  # whole reads, as the reader does
     samples: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}
     by_round: Dict[str, Dict[str, Dict[int, float]]] = {v: {m: {} for m in modes} for v in VARIANTS}  # median MB/s
     cpu_ms: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}  # reader's CPU ms per MB
     windows: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in ("pykvm", "QEMU")}
     stats_tables: List[str] = []
     failures: List[dict] = []
-    domain, old_poll = reprobe_nvme(NVME_BDF, poll_queues=poll_queues) if poll_queues else (None, None)
+    domain, old_poll = reprobe_nvme(bdf, poll_queues=poll_queues) if poll_queues else (None, None)
     try:
         with tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp:
             reader = build_reader(tmp)
             script = GUEST_SCRIPT.format(bs=args.bs, reps=args.reps, begin=BEGIN, end=END, idle=IDLE,
                                          modes=" ".join(modes), poll_queues=poll_queues, poll_param=POLL_QUEUES,
-                                         read_timeout=READ_TIMEOUT)
+                                         read_timeout=READ_TIMEOUT, span=disk_bytes)
             cmdline = " ".join([guest_cmdline(), *args.guest_append])
             initrd = build_guest_initramfs(Path(tmp) / "bench.img", script, ["nvme"],
                                            {"/bin/direct_read": Path(reader)}, modules_dir=modules)
             for round_ in range(args.rounds):
                 for variant, domain_type in (("L1", None), ("L1-DMA", "DMA")):
-                    original = reprobe_nvme(NVME_BDF, domain=domain_type)[0] if domain_type else None
+                    original = reprobe_nvme(bdf, domain=domain_type)[0] if domain_type else None
                     try:
                         for mode in modes:
-                            reads, cpu, error = l1_reads(reader, NVME_BDF, args.bs, args.reps, mode, variant)
+                            reads, cpu, error = l1_reads(reader, bdf, args.bs, args.reps, mode, variant,
+                                                         disk_bytes)
                             samples[variant][mode] += reads
                             cpu_ms[variant][mode] += cpu
                             if reads:
@@ -322,19 +344,19 @@ def measure_modes(args, modes: List[str]) -> dict:
                                                  "console": error})
                     finally:
                         if original is not None:
-                            reprobe_nvme(NVME_BDF, domain=original)
+                            reprobe_nvme(bdf, domain=original)
                 for mode in modes:
                     print(f"round {round_ + 1} {mode}: L1 {median_of_last(samples['L1'][mode], args.reps)} MB/s, "
                           f"L1 with a DMA domain {median_of_last(samples['L1-DMA'][mode], args.reps)} MB/s", flush=True)
-                with vfio_bound([NVME_BDF]):
+                with vfio_bound([bdf]):
                     for name in (("pykvm", "QEMU") if round_ % 2 == 0 else ("QEMU", "pykvm")):
                         with (ExitTrace() if args.trace else contextlib.nullcontext()) as trace:
                             seen = Windows(trace)
                             if name == "pykvm":
-                                run = run_guest(kernel, initrd, vfio=[NVME_BDF], cmdline=cmdline, timeout=600, stream=seen)
+                                run = run_guest(kernel, initrd, vfio=[bdf], cmdline=cmdline, timeout=600, stream=seen)
                                 stats_tables.append(run.log)
                             else:
-                                run = run_streaming(qemu_argv(kernel, initrd, NVME_BDF, cmdline), 660, seen)
+                                run = run_streaming(qemu_argv(kernel, initrd, bdf, cmdline), 660, seen)
                         done, failed = guest_result(run, seen, name, modes, args.reps)
                         print_huge_notes(name, ",".join(m for m in modes if "+huge" in m), run.console)
                         traced = traced_windows(trace, modes) if trace is not None else {}
@@ -357,9 +379,10 @@ def measure_modes(args, modes: List[str]) -> dict:
                                   f"guest io_poll {got['io_poll']}, KVM counts in the read window {got['kvm']}", flush=True)
     finally:
         if poll_queues:
-            reprobe_nvme(NVME_BDF, domain=domain, poll_queues=old_poll)
-    return {"mbps": samples, "by_round": by_round, "cpu_ms_per_mb": cpu_ms, "windows": windows, "pykvm_stats": stats_tables[-1],
-            "failures": failures, "l1_thp": Path(THP).read_text().strip()}
+            reprobe_nvme(bdf, domain=domain, poll_queues=old_poll)
+    return {"mbps": samples, "by_round": by_round, "cpu_ms_per_mb": cpu_ms, "windows": windows,
+            "pykvm_stats": stats_tables[-1], "failures": failures, "l1_thp": Path(THP).read_text().strip(),
+            "disk_bytes": disk_bytes}
 
 
 def median_of_last(values: List[float], n: int) -> str:
@@ -378,13 +401,12 @@ def per_mb(windows: List[dict], reps: int, disk_bytes: int) -> Dict[str, float]:
 
 
 def summarize(measured: dict, args) -> dict:
-    from pykvm.lab import devices
-
-    samples = measured["mbps"]
+    samples, disk_bytes = measured["mbps"], measured["disk_bytes"]
     out: Dict[str, dict] = {}
-    print(f"\nsequential O_DIRECT reads of the lab's NVMe ({devices.NVME_DISK_SIZE >> 20} MiB, bs={args.bs}, "
-          f"{args.reps} reads x {args.rounds} rounds per mode; L1's THP: {measured['l1_thp']}; "
-          f"median MB/s, fastest in brackets)")
+    where = "L1" if os.environ.get("PYKVM_IN_LAB") == "1" else "the host"
+    print(f"\nsequential O_DIRECT reads of the NVMe at {args.device} ({disk_bytes >> 20} MiB per pass, bs={args.bs}, "
+          f"{args.reps} reads x {args.rounds} rounds per mode; {where}'s THP: {measured['l1_thp']}; "
+          f"median MB/s, fastest in brackets; (a) is {where}'s own driver)")
     for mode in args.modes:
         missing = [name for name in VARIANTS if not samples[name][mode]]
         if missing:
@@ -412,7 +434,7 @@ def summarize(measured: dict, args) -> dict:
         print("  the reader's own CPU time (user + system, each machine's accounting), ms per MB: "
               + ", ".join(f"{name} {cpu[name]:.3f} ({cpu[name] * mbps[name] / 10:.0f}% of the read time)"
                           for name in VARIANTS))
-        exits = {name: per_mb(measured["windows"][name][mode], args.reps, devices.NVME_DISK_SIZE)
+        exits = {name: per_mb(measured["windows"][name][mode], args.reps, disk_bytes)
                  for name in ("pykvm", "QEMU")}
         print("  per MB read (read windows only, idle subtracted):")
         for name, values in exits.items():
@@ -424,16 +446,31 @@ def summarize(measured: dict, args) -> dict:
               + ", ".join(f"round {f['round']} {f['variant']} {f['mode']}" for f in measured["failures"]))
     print(f"pykvm's --stats for its last run (whole run: boot, reads, power-off):\n{measured['pykvm_stats'].strip()}")
     return {"bs": args.bs, "reps": args.reps, "rounds": args.rounds, "modes": args.modes, "l1_thp": measured["l1_thp"],
-            "disk_bytes": devices.NVME_DISK_SIZE, "targets": TARGETS, "results": out, "samples": samples,
+            "disk_bytes": disk_bytes, "device": args.device, "targets": TARGETS, "results": out, "samples": samples,
             "windows": measured["windows"], "failures": measured["failures"], "loadavg_l1": os.getloadavg()[0]}
 
 
 def in_lab(args) -> int:
     """Run this script inside L1 and bring its JSON back."""
     return rerun_in_lab(__file__, ["--bs", str(args.bs), "--reps", str(args.reps), "--rounds", str(args.rounds),
+                                   "--device", args.device, "--span", f"{args.span}B",
                                    "--modes", ",".join(args.modes), *(["--l1-thp", args.l1_thp] if args.l1_thp else []),
                                    *(["--trace"] if args.trace else []),
                                    *(f"--guest-append={a}" for a in args.guest_append)], "passthrough_dma.json", args.json, timeout=2400)
+
+
+def here_missing() -> List[str]:
+    """What this machine lacks to run the bench itself (--here)."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (it binds the device and reads KVM's debugfs)")
+    if not os.path.exists("/dev/vfio/vfio"):
+        missing.append("/dev/vfio (an IOMMU, enabled: intel_iommu=on or amd_iommu=on; modprobe vfio-pci)")
+    if not os.path.exists("/dev/kvm"):
+        missing.append("/dev/kvm")
+    if shutil.which("qemu-system-x86_64") is None:
+        missing.append("qemu-system-x86_64 for (c) (apt-get install qemu-system-x86)")
+    return missing
 
 
 def mode_list(text: str) -> List[str]:
@@ -462,9 +499,22 @@ def main() -> int:
     p.add_argument("--guest-append", action="append", default=[], metavar="PARAMS",
                    help="kernel parameters added to both L2 guests' command lines, (b) and (c) alike (repeatable; "
                         "e.g. idle=poll)")
+    p.add_argument("--device", default=LAB_NVME,
+                   help=f"the NVMe controller's PCI address (default {LAB_NVME}, the lab's)")
+    p.add_argument("--span", type=parse_size, default=0, metavar="SIZE",
+                   help="how much each pass reads from the start of the disk (e.g. 1G, 4096B; a bare number is MiB, "
+                        "as for pykvm run --memory; default: the whole disk)")
+    p.add_argument("--here", action="store_true",
+                   help="run on this machine, not in the lab: a host with /dev/vfio, KVM and QEMU, as root")
     args = p.parse_args()
-    if os.environ.get("PYKVM_IN_LAB") != "1":
+    args.device = canonical_bdf(args.device)
+    if os.environ.get("PYKVM_IN_LAB") != "1" and not args.here:
         return in_lab(args)
+    if args.here:
+        missing = here_missing()
+        if missing:
+            print(f"passthrough_dma: --here needs {'; '.join(missing)}", file=sys.stderr)
+            return 2
     json_path = os.path.join(os.environ["PYKVM_LAB_OUT"], "passthrough_dma.json") if args.json == "@lab" else args.json
     out = summarize(measure(args), args)
     if json_path:
