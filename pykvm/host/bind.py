@@ -119,7 +119,7 @@ def _devices_to_move(dev: PciDevice, group: IommuGroup, whole_group: bool, allow
     return targets, others
 
 
-def _disks_in_use(root: Root, bdf: str) -> List[str]:
+def disks_in_use(root: Root, bdf: str) -> List[str]:
     """Block devices below ``bdf`` that are mounted, used as swap or held by device-mapper/md:
     unbinding the controller would pull them from under the host."""
     mounts = {}
@@ -151,7 +151,7 @@ def bind(root: Root, bdf: str, *, whole_group: bool = False, allow_split: bool =
     targets, others = _devices_to_move(dev, group, whole_group, allow_split)
     result = BindResult(group.number, left_behind=[f"{d.bdf} ({d.driver})" for d in others])
     for d in targets:
-        busy = _disks_in_use(root, d.bdf) if d.driver != VFIO_DRIVER else []
+        busy = disks_in_use(root, d.bdf) if d.driver != VFIO_DRIVER else []
         if busy:
             raise HostError(f"{d.bdf} ({d.driver}) carries disks the host uses: {', '.join(busy)}",
                             "unmount them (swapoff, vgchange -an, ...) first; a controller holding the root "
@@ -217,9 +217,10 @@ def _refuse_if_open(bdf: str, group: int) -> None:
         if exc.errno != errno.EBUSY:
             return  # no node (yet), or not ours to open: the unbind itself will say
         mappers = vfio_mappers()
-        raise HostError(f"{bdf}'s group {path} is still held, though no process has it open: a device region "
-                        f"stays mapped ({'by ' + ', '.join(mappers) if mappers else 'by a process /proc does not show'})"
-                        ", and unbinding it from vfio-pci would block until it is unmapped",
+        held = (f"a device region stays mapped (processes with a VFIO device mapped: {', '.join(mappers)})"
+                if mappers else "by a process /proc does not show us (another user's?), with it open or a region mapped")
+        raise HostError(f"{bdf}'s group {path} is still held, though no process we can see has it open: {held}; "
+                        "unbinding it from vfio-pci would block until it lets go",
                         "stop that VMM or program, or unmap the region (release every view of it), "
                         "then restore again") from None
 

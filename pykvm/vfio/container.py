@@ -230,7 +230,7 @@ class Container(FdObject):
         bench/vfio_map_dma.py): checks that cost nothing run first, explanations only
         on failure.
         """
-        if self._iommu_type is None:
+        if self._iommu_type is None or self._fd < 0:  # closed: ClosedError (its IOMMU may outlive the fd)
             self._need_iommu("VFIO_IOMMU_MAP_DMA")
         pin = ffi.from_buffer("char[]", buffer, writable)  # positional: measurably cheaper
         if size is None:
@@ -266,7 +266,7 @@ class Container(FdObject):
         """
         from pykvm.vfio.dma_batch import DmaBatch, batch_arrays, check_batch
 
-        if self._iommu_type is None:
+        if self._iommu_type is None or self._fd < 0:  # closed: ClosedError (its IOMMU may outlive the fd)
             self._need_iommu("VFIO_IOMMU_MAP_DMA")
         pin = ffi.from_buffer("char[]", buffer, writable)
         try:
@@ -321,6 +321,7 @@ class Container(FdObject):
         """Unmap a batch's live entries in C; the batch is forgotten even if one fails."""
         from pykvm.vfio.dma_batch import u64_pointer
 
+        self.fileno()  # closed: ClosedError, and the batch stays recorded as the kernel keeps it
         iovas, sizes = batch.live_arrays()
         failed = lib.pykvm_vfio_unmap_dma_batch(self._fd, u64_pointer(iovas), u64_pointer(sizes), len(iovas))
         err = ffi.errno
@@ -336,7 +337,7 @@ class Container(FdObject):
 
         Unmapping nothing is an error (FileNotFoundError), as is cutting a mapping in two.
         """
-        if self._iommu_type is None:
+        if self._iommu_type is None or self._fd < 0:  # closed: ClosedError (its IOMMU may outlive the fd)
             self._need_iommu("VFIO_IOMMU_UNMAP_DMA")
         done = lib.pykvm_vfio_unmap_dma(self._fd, iova, size)
         if done < 0:

@@ -121,6 +121,7 @@ class Group(FdObject):
         self._sysfs = sysfs
         self.container: Optional["Container"] = None
         self._mapped = 0  # region mappings of its devices not unmapped yet (see _track_mapping)
+        self._releasing = False  # set before _release looks at _mapped: an unmap racing it must see it
         super().__init__(self._open())
 
     @classmethod
@@ -143,13 +144,14 @@ class Group(FdObject):
                              "open") from None
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                who = holders(self.path)
+                who, mappers = holders(self.path), vfio_mappers()
                 if who:
                     why = f"open in {', '.join(who)}"
-                else:  # no fd: a device region still mapped holds the device, which holds the group
-                    mappers = vfio_mappers()
-                    why = ("held by a device region still mapped" +
-                           (f", by {', '.join(mappers)}" if mappers else "") + ", until it is unmapped")
+                elif mappers:  # no fd: a device region still mapped holds the device, which holds the group
+                    why = (f"held by a device region still mapped until it is unmapped; processes with a VFIO "
+                           f"device mapped: {', '.join(mappers)}")
+                else:  # /proc shows us neither (another user's processes)
+                    why = "open in another process, or held by a device region it keeps mapped"
                 raise vfio_error(errno.EBUSY, f"{self.path} is in use ({why}); a group can be open "
                                               "once at a time", "open") from None
             if exc.errno in (errno.EACCES, errno.EPERM):
@@ -220,7 +222,7 @@ class Group(FdObject):
 
     def _unmapped(self) -> None:
         self._mapped -= 1
-        if not self._mapped and self.closed:
+        if not self._mapped and (self._releasing or self.closed):
             self._left()  # the kernel released the last device: the group leaves its container now
 
     def get_device(self, bdf: str) -> Device:
@@ -252,8 +254,9 @@ class Group(FdObject):
         # Closing the group fd takes it out of its container in the kernel once its devices are
         # released; a device region the caller still maps (a view of it is held) keeps its device
         # open, and the group in the container with the IOMMU and every DMA mapping, until munmap.
+        self._releasing = True
         if not self._mapped:
-            self._left()
+            self._left()  # _left is idempotent: an unmap racing this may have called it too
 
     def __repr__(self) -> str:
         return f"<Group {self.number} {'closed' if self.closed else f'fd={self._fd}'}>"

@@ -165,11 +165,11 @@ class Mmio:
         """Unmap. Idempotent. While the caller still holds a view of the memory (a slice or
         cast of ``view``), it cannot be unmapped: BufferError, and this Mmio stays usable."""
         if not self._mm.closed:
-            for v in self._views.values():
-                v.release()
-            self.view.release()
             try:
-                self._mm.close()
+                for v in self._views.values():
+                    v.release()
+                self.view.release()  # refused while the caller exports view itself (ffi.from_buffer(view))
+                self._mm.close()  # refused while the caller holds a slice or cast of it
             except BufferError:
                 self._open_views()
                 raise

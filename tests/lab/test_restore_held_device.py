@@ -92,7 +92,8 @@ def test_restore_refuses_a_device_whose_region_is_still_mapped(edu_on_vfio):
             assert words[ID // 4] == 0x010000ED  # the device is still there, through the view
         refused = restore_in_a_process(edu_on_vfio, release=release)
         assert refused.returncode != 0, refused.stdout
-        assert "is still held, though no process has it open: a device region stays mapped" in refused.stderr
+        assert ("is still held, though no process we can see has it open: a device region stays mapped "
+                "(processes with a VFIO device mapped: ") in refused.stderr
         assert f"{os.getpid()} (" in refused.stderr  # the mapper named (from /proc/PID/maps)
         assert "release every view of it" in refused.stderr
         assert driver_of(EDU_BDF) == "vfio-pci"

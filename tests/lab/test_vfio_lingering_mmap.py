@@ -18,6 +18,7 @@ import time
 import pytest
 
 from pykvm._native import ffi
+from pykvm.errors import ClosedError
 from pykvm.vfio import Group, VfioError, lib
 from tests.conftest import open_fds
 from tests.lab.edu import (  # noqa: F401 (edu_bound is a fixture)
@@ -110,8 +111,10 @@ def test_closed_group_stays_in_its_container_while_a_bar_view_is_held(edu_bound)
         assert dma_round_trip(bar, buf)
         assert group_busy(edu_bound)
         # no fd shows the holder: the error says what holds the group, and who
-        with pytest.raises(VfioError, match=rf"in use \(held by a device region still mapped, by {os.getpid()} \("):
+        with pytest.raises(VfioError, match=r"in use \(held by a device region still mapped until it is unmapped; "
+                                            r"processes with a VFIO device mapped: ") as info:
             Group.for_device(edu_bound)
+        assert f"{os.getpid()} (" in str(info.value)
     finally:
         # The last export: the mmap goes, munmap releases the device and the group. Done on a
         # failure too, or the traceback keeps the device open and unbinding it hangs.
@@ -140,6 +143,11 @@ def test_closed_container_keeps_its_mappings_while_a_bar_view_is_held(edu_bound)
         assert group.container is c and c.iommu_type == TYPE1v2 and c.mappings == [m] and m.mapped
         with pytest.raises(BufferError):
             buf.close()  # still pinned for the device, in the kernel as in pykvm
+        with pytest.raises(ClosedError):
+            m.unmap()  # the fd is gone, not the mapping: it stays recorded
+        with pytest.raises(ClosedError):
+            c.map_dma(buf, IOVA + 2 * PAGE, PAGE)
+        assert c.mappings == [m] and m.mapped
         assert edu_id(bar) == 0x010000ED and dma_round_trip(bar, buf)
         assert group_busy(edu_bound)
     finally:

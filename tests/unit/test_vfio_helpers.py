@@ -106,6 +106,58 @@ def test_an_mmio_whose_memory_a_caller_still_views_stays_usable_when_close_fails
     m.write64(0x1008, 0x1122334455667788)
     assert m.read64(0x1008) == held[0] == 0x1122334455667788
     held.release()
+    exported = ffi.from_buffer(m.view)  # what map_dma(mmio.view) and a memory slot's backing hold
+    with pytest.raises(BufferError):
+        m.close()
+    assert not m.closed and m.read64(0x1008) == 0x1122334455667788 and unmapped == []
+    ffi.release(exported)
     m.close()
     m.close()  # idempotent
     assert m.closed and unmapped == [True]
+
+
+class _Container:
+    """Records which groups left it (Group's bookkeeping only: no /dev/vfio here)."""
+
+    def __init__(self):
+        self.detached = []
+
+    def _detach(self, group):
+        self.detached.append(group.number)
+
+
+def _bookkept_group():
+    """A Group over /dev/null with a recording container: its mapping accounting, nothing of the kernel's."""
+    from pykvm._fdobject import FdObject
+    from pykvm.vfio.group import Group
+
+    g = Group.__new__(Group)
+    g.number, g.path, g._sysfs, g._mapped, g._releasing = 7, "/dev/vfio/7", "/sys", 0, False
+    g.container = _Container()
+    FdObject.__init__(g, os.open("/dev/null", os.O_RDONLY))
+    return g
+
+
+def test_a_group_leaves_its_container_at_the_last_unmap_even_when_it_races_the_close():
+    """The last view going between Group._release's look at the count and the fd's close (another
+    thread, or a GC pass) must still take the group out of its container: it used to stay forever."""
+    import gc
+    import mmap
+
+    for race in (False, True):
+        g = _bookkept_group()
+        container = g.container
+        mm = mmap.mmap(-1, mmap.PAGESIZE)
+        m = Mmio(mm, 0, g._track_mapping(mm))
+        held = m.view[:8]
+        del m, mm
+        gc.collect()
+        if race:
+            release = g._release
+            g._release = lambda: (release(), held.release())
+        g.close()
+        if not race:
+            assert container.detached == [] and g.container is container  # the view keeps it in
+            held.release()
+        gc.collect()
+        assert g._mapped == 0 and container.detached == [7] and g.container is None, race
