@@ -322,7 +322,9 @@ def test_a_payload_that_inflates_past_its_trailer_stops_there(fmt, monkeypatch):
     bz = parse_bzimage(bzimage_with_payload(payload))
     tracemalloc.start()
     try:
-        with pytest.raises(BootImageError, match="decompressed to more than 4096 bytes|does not decompress"):
+        # the library decoders may see the stream's end mark missing first; a command is cut at the limit
+        said = "decompressed to more than 4096 bytes" + ("" if fmt in COMMANDS else "|does not decompress")
+        with pytest.raises(BootImageError, match=said):
             extract_vmlinux(bz)
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -146,12 +146,17 @@ def _run_bounded(command: Tuple[str, ...], data: bytes, limit: int) -> Tuple[byt
         source.seek(0)
         with subprocess.Popen(command, stdin=source, stdout=subprocess.PIPE, stderr=errors) as p:
             assert p.stdout is not None
-            out = p.stdout.read(limit)
+            out = bytearray()  # grown as output comes: the limit is the trailer's word, not a size to reserve
+            while len(out) < limit:
+                chunk = p.stdout.read1(min(1 << 20, limit - len(out)))
+                if not chunk:
+                    break
+                out += chunk
             if len(out) == limit:
                 p.kill()  # what it would write beyond the limit is not read
             status = p.wait()
         errors.seek(max(0, errors.tell() - 4096))
-        return out, status, errors.read()
+        return bytes(out), status, errors.read()
 
 
 class Vmlinux(NamedTuple):
