@@ -110,7 +110,7 @@ for spec in {modes}; do
     echo "{end} $spec"
     cat /tmp/reads.err
     # a stall's account (quiet hides it): "aborting" is a command the device kept, "polled" a lost interrupt
-    dmesg | grep -E "nvme.*(timeout|abort|reset|polled)" | tail -5
+    dmesg -c | grep -E "nvme.*(timeout|abort|reset|polled)" | tail -5
     echo "BENCH-IRQS $spec $(( $(nvirqs) - before ))"
     sed "s/^BENCH-READ /BENCH-READ $spec /" /tmp/reads.log
 done
@@ -194,7 +194,7 @@ def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str, variant: str,
         run = subprocess.run([reader, device, str(bs), str(reps), *reader_args(mode), str(span)], capture_output=True,
                              text=True, timeout=READ_TIMEOUT)
         text, error = run.stdout, run.stderr
-        print_huge_notes(variant, mode, error)
+        print_huge_notes(variant, [mode], error)
     except subprocess.TimeoutExpired as exc:
         text, error = (exc.stdout or b"").decode(), f"no end after {READ_TIMEOUT} s"
     text = text.replace("BENCH-READ ", f"BENCH-READ {mode} ")
@@ -205,10 +205,11 @@ def l1_reads(reader: str, bdf: str, bs: int, reps: int, mode: str, variant: str,
     return [], [], error + "\n" + "\n".join(line for line in dmesg[-200:] if "nvme" in line)[-1000:]
 
 
-def print_huge_notes(variant: str, mode: str, text: str) -> None:
-    """Say how much of a +huge mode's read buffer the reader got on huge pages (a mode that
-    asked for them and did not get them measures something else)."""
-    for got, size in HUGE_NOTE.findall(text):
+def print_huge_notes(variant: str, modes: List[str], text: str) -> None:
+    """Say how much of each +huge mode's read buffer the reader got on huge pages (a mode that
+    asked for them and did not get them measures something else); ``text`` has the reader's
+    notes in the order of ``modes``."""
+    for mode, (got, size) in zip([m for m in modes if "+huge" in m], HUGE_NOTE.findall(text)):
         print(f"  {variant} {mode}: {got} of {size} kB of the read buffer on huge pages", flush=True)
 
 
@@ -307,10 +308,17 @@ def measure_modes(args, modes: List[str]) -> dict:
     from pykvm.lab.l2 import build_guest_initramfs, guest_cmdline, guest_kernel, run_guest, run_streaming, vfio_bound
 
     bdf = args.device
+    from pykvm.host.bind import disks_in_use
+    from pykvm.host.sysfs import Root
+
+    busy = disks_in_use(Root(), bdf)
+    if busy:  # checked before the first unbind of the host's driver, not only when binding to vfio-pci
+        raise SystemExit(f"passthrough_dma: {bdf} carries disks this machine uses: {', '.join(busy)}; "
+                         "give it an NVMe that nothing mounts")
     poll_queues = 1 if any(m.startswith("poll") for m in modes) else 0
     kernel, modules = guest_kernel()
     disk_bytes = pass_bytes(bdf, args.span)
-    disk_bytes -= disk_bytes % args.bs if disk_bytes >= args.bs else 0  # whole reads, as the reader does
+    disk_bytes -= disk_bytes % args.bs  # whole reads, as the reader does
     samples: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}
     by_round: Dict[str, Dict[str, Dict[int, float]]] = {v: {m: {} for m in modes} for v in VARIANTS}  # median MB/s
     cpu_ms: Dict[str, Dict[str, list]] = {v: {m: [] for m in modes} for v in VARIANTS}  # reader's CPU ms per MB
@@ -358,7 +366,7 @@ def measure_modes(args, modes: List[str]) -> dict:
                             else:
                                 run = run_streaming(qemu_argv(kernel, initrd, bdf, cmdline), 660, seen)
                         done, failed = guest_result(run, seen, name, modes, args.reps)
-                        print_huge_notes(name, ",".join(m for m in modes if "+huge" in m), run.console)
+                        print_huge_notes(name, modes, run.console)
                         traced = traced_windows(trace, modes) if trace is not None else {}
                         for tag, t in traced.items():
                             print(f"round {round_ + 1} {tag}: {name} L1 trace: wall {t['wall']:.2f} s, guest running "
@@ -478,8 +486,10 @@ def mode_list(text: str) -> List[str]:
     for m in modes:
         kind, _, depth = m.partition(":")
         kind = kind.removesuffix("+huge")
-        if kind not in ("sync", "irq", "poll") or (kind == "sync" and depth) or (depth and not depth.isdigit()):
-            raise ValueError(f"mode {m!r}: use sync, irq:N or poll:N, each optionally +huge (sync+huge, irq+huge:N)")
+        if kind not in ("sync", "irq", "poll") or (kind == "sync" and depth) or \
+                (depth and not (depth.isdigit() and 1 <= int(depth) <= 256)):  # the reader's range
+            raise ValueError(f"mode {m!r}: use sync, irq:N or poll:N (N 1-256), each optionally +huge (sync+huge, "
+                             "irq+huge:N)")
     return modes
 
 
@@ -507,6 +517,8 @@ def main() -> int:
     p.add_argument("--here", action="store_true",
                    help="run on this machine, not in the lab: a host with /dev/vfio, KVM and QEMU, as root")
     args = p.parse_args()
+    if args.span and args.span < args.bs:
+        p.error(f"--span {args.span} is less than one read of --bs {args.bs} bytes")
     args.device = canonical_bdf(args.device)
     if os.environ.get("PYKVM_IN_LAB") != "1" and not args.here:
         return in_lab(args)

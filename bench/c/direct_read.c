@@ -3,7 +3,7 @@
  *   direct_read DEVICE BLOCK_BYTES REPS [MODE [DEPTH [SPAN]]]
  *
  * Each pass reads the device from its start to its end, or to SPAN bytes (a real disk is
- * larger than a bench needs).
+ * larger than a bench needs), in whole reads: a tail shorter than BLOCK_BYTES is left out.
  *
  * MODE (default sync):
  *   sync  one pread(2) at a time: the task sleeps until the device's interrupt completes it;
@@ -232,7 +232,12 @@ int main(int argc, char **argv)
         perror(argv[1]);
         return 1;
     }
-    unsigned long long span = argc > 6 ? strtoull(argv[6], NULL, 0) : 0;
+    char *end = NULL;
+    unsigned long long span = argc > 6 ? strtoull(argv[6], &end, 0) : 0;
+    if (argc > 6 && (*argv[6] == '\0' || *end != '\0')) {
+        fprintf(stderr, "bad SPAN %s: a byte count\n", argv[6]);
+        return 2;
+    }
     if (span && span < size)
         size = span;
     if (strcmp(mode, "poll") == 0) {
@@ -242,8 +247,11 @@ int main(int argc, char **argv)
             fprintf(stderr, "poll: reads capped at %zu bytes (the device's largest unsplit request)\n", bs);
         }
     }
-    if (size >= bs)
-        size -= size % bs; /* whole reads only: the bytes printed are the bytes read */
+    if (size < bs) {
+        fprintf(stderr, "%llu bytes to read (SPAN or the device) is less than one %zu-byte read\n", size, bs);
+        return 2;
+    }
+    size -= size % bs; /* whole reads only: the bytes printed are the bytes read */
     memset(bufs, 0, bs * depth); /* fault the buffers in before the clock starts */
     if (huge)
         fprintf(stderr, "direct_read: %ld kB of the %zu kB buffer on huge pages\n", anon_huge_kb(), bs * depth / 1024);

@@ -23,7 +23,8 @@ def test_a_mode_spec_becomes_the_readers_arguments(kind, suffix, depth):
     assert reader_args(spec) == [kind + suffix, "1" if kind == "sync" else str(depth)]
 
 
-@pytest.mark.parametrize("bad", ["sync:2", "irq:x", "dd", "poll+small:4", "huge", "sync+huge+huge", "irq:-1"])
+@pytest.mark.parametrize("bad", ["sync:2", "irq:x", "dd", "poll+small:4", "huge", "sync+huge+huge", "irq:-1",
+                                 "irq:0", "poll:257"])
 def test_a_malformed_mode_spec_is_refused(bad):
     with pytest.raises(ValueError, match="use sync, irq:N or poll:N"):
         mode_list(bad)
