@@ -240,7 +240,7 @@ def guest_result(run, windows: Windows, name: str, modes: List[str], reps: int) 
     through raises)."""
     if run.returncode != 0 or f"{END} {modes[-1]}" not in run.console:
         raise RuntimeError(f"{name} guest failed:\n{run.detail()}")
-    reads = parse_reads(run.console)
+    reads, cpu = parse_reads(run.console), parse_cpu(run.console)
     irqs = dict(re.findall(r"BENCH-IRQS (\S+) (-?\d+)", run.console))
     iopoll = re.search(r"BENCH-IOPOLL (\d)", run.console)
     done: Dict[str, dict] = {}
@@ -249,8 +249,9 @@ def guest_result(run, windows: Windows, name: str, modes: List[str], reps: int) 
         if failed:  # the guest's nvme driver resets the controller after a stall: later windows count that
             failed[mode] = f"not counted: after the stall of {next(iter(failed))}"
         elif len(reads.get(mode, [])) == reps:
-            done[mode] = {"mbps": reads[mode], "kvm": windows.delta(mode), "guest_nvme_irqs": int(irqs[mode]),
-                          "io_poll": iopoll and int(iopoll[1]), "seconds": run.seconds}
+            done[mode] = {"mbps": reads[mode], "cpu_ms": cpu[mode], "kvm": windows.delta(mode),
+                          "guest_nvme_irqs": int(irqs[mode]), "io_poll": iopoll and int(iopoll[1]),
+                          "seconds": run.seconds}
         else:
             start = run.console.find(f"{BEGIN} {mode}")
             end = run.console.find(BEGIN, start + 1)  # the reader's stderr follows its END line
@@ -304,13 +305,12 @@ def pass_bytes(bdf: str, span: int) -> int:
 
 
 def measure_modes(args, modes: List[str]) -> dict:
+    from pykvm.host.bind import disks_in_use
+    from pykvm.host.sysfs import Root
     from pykvm.lab.ktrace import ExitTrace
     from pykvm.lab.l2 import build_guest_initramfs, guest_cmdline, guest_kernel, run_guest, run_streaming, vfio_bound
 
     bdf = args.device
-    from pykvm.host.bind import disks_in_use
-    from pykvm.host.sysfs import Root
-
     busy = disks_in_use(Root(), bdf)
     if busy:  # checked before the first unbind of the host's driver, not only when binding to vfio-pci
         raise SystemExit(f"passthrough_dma: {bdf} carries disks this machine uses: {', '.join(busy)}; "
@@ -379,7 +379,7 @@ def measure_modes(args, modes: List[str]) -> dict:
                             got["trace"] = traced.get(mode)
                             reads = got.pop("mbps")
                             samples[name][mode] += reads
-                            cpu_ms[name][mode] += parse_cpu(run.console)[mode]
+                            cpu_ms[name][mode] += got.pop("cpu_ms")
                             if reads:
                                 by_round[name][mode][round_] = statistics.median(reads)
                             windows[name][mode].append(got)

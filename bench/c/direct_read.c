@@ -213,7 +213,8 @@ int main(int argc, char **argv)
         char *plus = strchr(mode, '+');
         if (plus != NULL) {
             huge = strcmp(plus, "+huge") == 0;
-            *plus = huge ? '\0' : *plus;
+            if (huge)
+                *plus = '\0'; /* anything else after '+' stays, and the mode check refuses it */
         }
     }
     unsigned depth = argc > 5 ? (unsigned)atoi(argv[5]) : 1;
